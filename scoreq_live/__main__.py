@@ -1,0 +1,3 @@
+from scoreq_live.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The one event model that every output renders.
+
+Every event serialises to a flat JSON object with ``v`` (schema version) and
+``type``.  The README documents the schema; bump :data:`SCHEMA_VERSION` on any
+incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = 1
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), digits)
+
+
+@dataclass
+class Event:
+    """Base of all events: which stream, and the wall-clock time it was emitted."""
+
+    type: ClassVar[str] = "event"
+    stream: str
+    ts: float  # Unix time (seconds) when the event was emitted.
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ts"] = round(self.ts, 3)
+        return {"v": SCHEMA_VERSION, "type": self.type, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+
+
+@dataclass
+class ScoreEvent(Event):
+    """The result for one window of one stream.
+
+    ``mos`` (mode ``nr``) or ``distance`` (mode ``ref``) is None when the
+    window was not scored; ``reason`` then says why (``no_speech``,
+    ``silent``, ``overloaded``, ``error``).
+    """
+
+    type: ClassVar[str] = "score"
+    window: int = 0
+    t_start: float = 0.0
+    t_end: float = 0.0
+    mode: str = "nr"
+    mos: float | None = None
+    distance: float | None = None
+    smoothed: float | None = None
+    speech: float = 0.0
+    level_dbfs: float = -120.0
+    model: str = ""
+    latency_ms: float = 0.0
+    reason: str | None = None
+
+    @property
+    def value(self) -> float | None:
+        return self.mos if self.mode == "nr" else self.distance
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "v": SCHEMA_VERSION,
+            "type": self.type,
+            "stream": self.stream,
+            "ts": round(self.ts, 3),
+            "window": self.window,
+            "t_start": round(self.t_start, 4),
+            "t_end": round(self.t_end, 4),
+            "mode": self.mode,
+        }
+        # Exactly one of mos / distance, by mode, so a consumer never has to guess the unit.
+        if self.mode == "nr":
+            d["mos"] = _round(self.mos, 4)
+        else:
+            d["distance"] = _round(self.distance, 5)
+        d.update(
+            smoothed=_round(self.smoothed, 4),
+            speech=round(self.speech, 3),
+            level_dbfs=round(self.level_dbfs, 1),
+            model=self.model,
+            latency_ms=round(self.latency_ms, 1),
+            reason=self.reason,
+        )
+        return d
+
+
+@dataclass
+class StreamStarted(Event):
+    type: ClassVar[str] = "stream_started"
+    source: str = ""  # kind of input: file, mic, ...
+    detail: str = ""  # what the input is: a path, a device name
+    rate: int = 0  # the input's own sample rate, before resampling to 16 kHz
+    channels: int = 0
+    model: str = ""
+    mode: str = "nr"
+    window_s: float = 0.0
+    hop_s: float = 0.0
+
+
+@dataclass
+class StreamEnded(Event):
+    type: ClassVar[str] = "stream_ended"
+    reason: str = "eof"  # eof | stopped
+    t: float = 0.0  # stream time at the end, seconds
+    windows: int = 0
+    scored: int = 0
+
+
+@dataclass
+class StreamError(Event):
+    """A stream failed; the others go on."""
+
+    type: ClassVar[str] = "stream_error"
+    error: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls for cls in (ScoreEvent, StreamStarted, StreamEnded, StreamError)
+}

@@ -1,0 +1,186 @@
+"""Per-stream state: ring buffer -> windows -> speech gate -> ordered, smoothed events.
+
+:class:`StreamCore` is sans-I/O: the engine feeds it samples with the current
+time, hands the windows it returns to the scorer, reports results back with
+:meth:`StreamCore.resolve`, and publishes whatever :meth:`StreamCore.drain`
+releases.  Events leave in window order even when gated windows resolve
+before earlier windows come back from the scorer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scoreq_live.core import SAMPLE_RATE
+from scoreq_live.core.events import ScoreEvent
+from scoreq_live.core.gate import NO_SPEECH, SILENT, SpeechDetector, level_dbfs
+from scoreq_live.core.ringbuffer import RingBuffer
+from scoreq_live.core.smoothing import make_smoother
+from scoreq_live.core.windowing import WindowScheduler
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a stream is windowed, gated and smoothed."""
+
+    window_s: float = 4.0
+    hop_s: float = 1.0
+    min_speech: float = 0.2  # fraction of 30 ms frames with speech needed to score a window
+    silence_dbfs: float = -60.0  # below this RMS level a window is "silent", whatever the VAD says
+    vad_aggressiveness: int = 2
+    smoothing: str = "ema"
+    smoothing_s: float = 5.0
+    min_tail_s: float = 0.5  # shorter end-of-stream tails are not worth a score
+    model: str = ""
+    mode: str = "nr"
+
+    @property
+    def window(self) -> int:
+        return int(round(self.window_s * SAMPLE_RATE))
+
+    @property
+    def hop(self) -> int:
+        return int(round(self.hop_s * SAMPLE_RATE))
+
+
+@dataclass
+class Window:
+    """One window of one stream, ready for the scorer."""
+
+    stream: str
+    index: int
+    start: int  # absolute sample index at 16 kHz
+    end: int
+    audio: np.ndarray
+    speech: float
+    level_dbfs: float
+    arrival: float  # time the window's last sample arrived (engine clock)
+    reason: str | None = None  # why it will not be scored, if it will not
+    value: float | None = None
+    resolved: bool = False
+
+    @property
+    def needs_scoring(self) -> bool:
+        return self.reason is None
+
+    @property
+    def t_start(self) -> float:
+        return self.start / SAMPLE_RATE
+
+    @property
+    def t_end(self) -> float:
+        return self.end / SAMPLE_RATE
+
+
+class StreamCore:
+    """Windowing, gating, ordering and smoothing for one stream."""
+
+    def __init__(self, name: str, config: StreamConfig) -> None:
+        self.name = name
+        self.config = config
+        cap = config.window + config.hop + SAMPLE_RATE  # one window plus slack for late scheduling
+        self.ring = RingBuffer(cap)
+        self.vad = SpeechDetector(config.vad_aggressiveness, capacity_frames=cap // 480 + 2)
+        self.scheduler = WindowScheduler(config.window, config.hop)
+        self.smoother = make_smoother(config.smoothing, config.smoothing_s)
+        self._order: deque[Window] = deque()
+        self.windows = 0
+        self.scored = 0
+        self.non_finite = 0  # samples that arrived as NaN/Inf and were zeroed
+
+    @property
+    def t(self) -> float:
+        """Stream time in seconds: samples received / 16 kHz."""
+        return self.ring.total / SAMPLE_RATE
+
+    def feed(self, samples: np.ndarray, now: float) -> list[Window]:
+        """Add 16 kHz mono float32 samples; return the windows that now need scoring."""
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        finite = np.isfinite(x)
+        if not finite.all():
+            # Never let NaN/Inf reach the VAD or the model.
+            self.non_finite += int(x.size - np.count_nonzero(finite))
+            x = np.where(finite, x, 0.0).astype(np.float32)
+        out: list[Window] = []
+        # Cut large inputs (a whole file, a late burst) at the hop so every window
+        # is taken before the ring overwrites it.
+        step = self.config.hop
+        for k in range(0, max(x.size, 1), step):
+            piece = x[k:k + step]
+            self.ring.write(piece)
+            self.vad.feed(piece)
+            out += self._make(self.scheduler.due(self.ring.total), now)
+        return out
+
+    def finish(self, now: float) -> list[Window]:
+        """End of stream: the tail window, if one is due."""
+        tail = self.scheduler.finish(self.ring.total, int(self.config.min_tail_s * SAMPLE_RATE))
+        return self._make([tail] if tail else [], now)
+
+    def _make(self, spans, now: float) -> list[Window]:
+        out = []
+        for span in spans:
+            audio = self.ring.read(span.start, span.end)
+            level = level_dbfs(audio)
+            speech = self.vad.fraction(span.start, span.end)
+            reason = None
+            if level < self.config.silence_dbfs:
+                reason = SILENT
+            elif speech < self.config.min_speech:
+                reason = NO_SPEECH
+            w = Window(self.name, span.index, span.start, span.end, audio, speech, level, now, reason)
+            if reason is not None:
+                w.resolved = True
+                w.audio = audio[:0]  # not needed any more
+            self._order.append(w)
+            self.windows += 1
+            if reason is None:
+                out.append(w)
+        return out
+
+    def resolve(self, window: Window, value: float | None, reason: str | None = None) -> None:
+        """Record the scorer's result (or why there is none) for a window."""
+        window.value = value
+        window.reason = reason if value is None else None
+        window.resolved = True
+        window.audio = window.audio[:0]
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for w in self._order if not w.resolved)
+
+    def drain(self, now: float, wall: float) -> list[ScoreEvent]:
+        """Events for resolved windows at the head of the order, oldest first.
+
+        ``now`` is the engine clock (for latency), ``wall`` the Unix time stamped on the events.
+        """
+        out = []
+        cfg = self.config
+        while self._order and self._order[0].resolved:
+            w = self._order.popleft()
+            if w.value is not None:
+                self.scored += 1
+                smoothed = self.smoother.update(w.t_end, w.value)
+            else:
+                smoothed = self.smoother.value
+            ev = ScoreEvent(
+                stream=self.name,
+                ts=wall,
+                window=w.index,
+                t_start=w.t_start,
+                t_end=w.t_end,
+                mode=cfg.mode,
+                mos=w.value if cfg.mode == "nr" else None,
+                distance=w.value if cfg.mode != "nr" else None,
+                smoothed=smoothed,
+                speech=w.speech,
+                level_dbfs=w.level_dbfs,
+                model=cfg.model,
+                latency_ms=max(0.0, (now - w.arrival) * 1000.0),
+                reason=w.reason,
+            )
+            out.append(ev)
+        return out
