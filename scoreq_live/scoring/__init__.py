@@ -1,0 +1,1 @@
+"""The ONNX side: model contract and catalogue, sessions, batching, references."""

@@ -1,0 +1,130 @@
+"""The scorer: a list of windows in, one number per window out.
+
+This is the one interface the engine uses, whatever runs the model (a local
+ONNX Runtime session today, a remote inference server tomorrow): anything
+with ``spec``, ``mode``, ``name`` and a blocking ``score(windows)`` fits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from scoreq_live.scoring.spec import ModelSpec
+
+
+class Model(Protocol):
+    """Something that runs padded ``[B, L]`` batches: an ONNX session, a remote server."""
+
+    spec: ModelSpec
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> str: ...
+
+
+def pad_window(window: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Zero-pad (at the end) a window to the model's input length.
+
+    A fixed-input model gets its fixed length (longer windows keep their most
+    recent samples); a variable-length model gets the next multiple of
+    ``pad_multiple``, never more, so mean pooling is not diluted by silence.
+    """
+    n = spec.padded_length(window.size)
+    if window.size == n:
+        return window
+    if window.size > n:
+        return window[-n:]
+    out = np.zeros(n, dtype=np.float32)
+    out[: window.size] = window
+    return out
+
+
+def batches(windows: Sequence[np.ndarray], spec: ModelSpec, max_batch: int):
+    """Group windows by padded length and split into runs of at most ``max_batch``.
+
+    Yields ``(indices, batch)``; windows of one length share a run because
+    padding them to a common length would change their scores.
+    """
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, w in enumerate(windows):
+        groups[spec.padded_length(w.size)].append(i)
+    for idx in groups.values():
+        for k in range(0, len(idx), max_batch):
+            part = idx[k:k + max_batch]
+            yield part, np.stack([pad_window(windows[i], spec) for i in part])
+
+
+def run_windows(model: Model, windows: Sequence[np.ndarray], max_batch: int = 16) -> np.ndarray:
+    """Raw model outputs ``[N, D]`` for windows of any lengths, in input order."""
+    out: np.ndarray | None = None
+    for idx, batch in batches(windows, model.spec, max_batch):
+        y = model.run(batch)
+        if out is None:
+            out = np.empty((len(windows), y.shape[1]), dtype=np.float32)
+        out[idx] = y
+    if out is None:
+        return np.zeros((0, 1), dtype=np.float32)
+    return out
+
+
+class Reference:
+    """Embeddings of clean reference speech, and the distance of a window to them.
+
+    A reference longer than one window is stored as one embedding per window;
+    the distance of a test window is the mean of its Euclidean distances to
+    them, so no single reference window (a breath, an odd phoneme) dominates.
+    """
+
+    def __init__(self, embeddings: np.ndarray, model: str, sources: Sequence[str] = ()) -> None:
+        emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
+        if emb.shape[0] == 0:
+            raise ValueError("a reference needs at least one embedding (no speech in the reference?)")
+        self.embeddings = emb
+        self.model = model
+        self.sources = list(sources)
+
+    def distance(self, emb: np.ndarray) -> np.ndarray:
+        """``[B, D]`` embeddings -> ``[B]`` mean distances."""
+        d = np.linalg.norm(emb[:, None, :] - self.embeddings[None, :, :], axis=-1)
+        return d.mean(axis=1)
+
+
+class Scorer:
+    """MOS (mode ``nr``) or distance to a reference (mode ``ref``) for each window."""
+
+    def __init__(self, model: Model, reference: Reference | None = None, max_batch: int = 16) -> None:
+        self.model = model
+        self.spec = model.spec
+        if self.spec.kind == "embedding" and reference is None:
+            raise ValueError(f"model {self.spec.name!r} outputs embeddings: ref mode needs a reference")
+        if self.spec.kind == "mos" and reference is not None:
+            raise ValueError(f"model {self.spec.name!r} predicts a MOS: it cannot score against a reference")
+        if reference is not None and reference.model != self.spec.name:
+            raise ValueError(
+                f"reference was embedded with {reference.model!r}, not {self.spec.name!r}"
+            )
+        self.reference = reference
+        self.max_batch = max(1, max_batch)
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def embed(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        return run_windows(self.model, windows, self.max_batch)
+
+    def score(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """One score per window: MOS, or distance to the reference."""
+        if len(windows) == 0:
+            return np.zeros(0, dtype=np.float64)
+        y = self.embed(windows)
+        if self.reference is None:
+            return y[:, 0].astype(np.float64)
+        return self.reference.distance(y).astype(np.float64)

@@ -1,0 +1,168 @@
+"""One ONNX Runtime session per model, checked against the model contract.
+
+Inputs and outputs go through IO binding on every device, so the CPU path that
+CI exercises is the same code as the CUDA path.  Buffers are allocated once per
+batch shape and reused: on CUDA the batch is copied into a resident device
+buffer and the output stays on the device until it is read, so a run does not
+round-trip through fresh host allocations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from scoreq_live.scoring.spec import ModelError, ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _providers(device: str) -> list:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ModelError(
+                "--device cuda: this onnxruntime build has no CUDA provider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+    raise ModelError(f"unknown device {device!r}; use one of {DEVICES}")
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Session options chosen for a long-running monitor, not a one-shot script."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # One model call at a time: all parallelism is inside operators.
+    so.inter_op_num_threads = 1
+    so.intra_op_num_threads = threads or max(1, (os.cpu_count() or 2))
+    # Between hops the scorer is idle; spinning threads would burn a core each
+    # and steal time from audio capture for a latency gain of microseconds.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _dim(d) -> int | None:
+    return d if isinstance(d, int) and d > 0 else None
+
+
+class OnnxModel:
+    """Runs ``[batch, samples]`` float32 batches through an ONNX file that fits :class:`ModelSpec`."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None) -> None:
+        if spec.file is None or not Path(spec.file).is_file():
+            raise ModelError(f"model {spec.name!r}: file not found: {spec.file}")
+        providers = _providers(device)
+        try:
+            self.session = ort.InferenceSession(
+                str(spec.file), sess_options=session_options(threads), providers=providers
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise ModelError(f"{spec.file} is not a loadable ONNX model: {e}") from e
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise ModelError("--device cuda: the CUDA provider failed to load (see onnxruntime's log)")
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.spec, self.output_dim = self._check_contract(spec)
+        self._binding = self.session.io_binding()
+        self._buffers: dict[tuple[int, int], tuple[ort.OrtValue, ort.OrtValue]] = {}
+
+    def _check_contract(self, spec: ModelSpec) -> tuple[ModelSpec, int | None]:
+        inputs = self.session.get_inputs()
+        outputs = self.session.get_outputs()
+        where = f"model {spec.name!r} ({spec.file})"
+        if spec.input_name is None:
+            if len(inputs) != 1:
+                raise ModelError(f"{where}: expected one input, found {[i.name for i in inputs]}")
+            inp = inputs[0]
+        else:
+            match = [i for i in inputs if i.name == spec.input_name]
+            if not match:
+                raise ModelError(f"{where}: no input named {spec.input_name!r} (has {[i.name for i in inputs]})")
+            inp = match[0]
+        if len(inp.shape) != 2:
+            raise ModelError(f"{where}: input {inp.name!r} must be [batch, samples], has rank {len(inp.shape)} {inp.shape}")
+        if inp.type != "tensor(float)":
+            raise ModelError(f"{where}: input {inp.name!r} must be float32, is {inp.type}")
+        if spec.output_name is None:
+            out = outputs[0]
+        else:
+            match = [o for o in outputs if o.name == spec.output_name]
+            if not match:
+                raise ModelError(f"{where}: no output named {spec.output_name!r} (has {[o.name for o in outputs]})")
+            out = match[0]
+        if len(out.shape) != 2:
+            raise ModelError(f"{where}: output {out.name!r} must be [batch, n], has rank {len(out.shape)} {out.shape}")
+        dim = _dim(out.shape[1])
+        if spec.kind == "mos" and dim not in (None, 1):
+            raise ModelError(f"{where}: a 'mos' model must output [batch, 1], {out.name!r} is [batch, {dim}]")
+        if spec.kind == "embedding" and dim == 1:
+            raise ModelError(f"{where}: an 'embedding' model must output [batch, D>1], {out.name!r} is [batch, 1]")
+        fixed = _dim(inp.shape[1])
+        if spec.input_samples and fixed and fixed != spec.input_samples:
+            raise ModelError(f"{where}: spec says {spec.input_samples} input samples, the file takes {fixed}")
+        spec = replace(
+            spec,
+            input_name=inp.name,
+            output_name=out.name,
+            input_samples=spec.input_samples or fixed,
+        )
+        if fixed and spec.native_window_s * spec.sample_rate > fixed:
+            spec = replace(spec, native_window_s=fixed / spec.sample_rate)
+        return spec, (1 if spec.kind == "mos" else dim)
+
+    def describe(self) -> str:
+        return f"{self.spec.name} on {self.device.upper()} ({self.provider})"
+
+    def _buffers_for(self, batch: int, length: int) -> tuple[ort.OrtValue, ort.OrtValue]:
+        key = (batch, length)
+        if key not in self._buffers:
+            dev = "cuda" if self.device == "cuda" else "cpu"
+            x = ort.OrtValue.ortvalue_from_shape_and_type([batch, length], np.float32, dev, 0)
+            y = None
+            if self.output_dim:
+                y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.output_dim], np.float32, dev, 0)
+            if len(self._buffers) > 32:  # tail windows of odd lengths must not grow this forever
+                self._buffers.clear()
+            self._buffers[key] = (x, y)
+        return self._buffers[key]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a ``[B, L]`` float32 batch (already padded); return ``[B, D]`` outputs as a host copy."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 2:
+            raise ValueError("batch must be [batch, samples]")
+        x, y = self._buffers_for(*batch.shape)
+        x.update_inplace(batch)
+        b = self._binding
+        b.bind_ortvalue_input(self.spec.input_name, x)
+        if y is not None:
+            b.bind_ortvalue_output(self.spec.output_name, y)
+        else:
+            b.bind_output(self.spec.output_name, "cuda" if self.device == "cuda" else "cpu")
+        self.session.run_with_iobinding(b)
+        if y is not None:
+            out = y.numpy().copy()
+        else:
+            out = b.copy_outputs_to_cpu()[0]
+            self.output_dim = out.shape[1]
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        if not np.all(np.isfinite(out)):
+            log.warning("model %s produced non-finite output", self.spec.name)
+        return out

@@ -1,0 +1,102 @@
+"""The model contract: what scoreq-live needs to know to run an ONNX file.
+
+A model takes ``[batch, samples]`` float32 audio at 16 kHz and returns one
+output: ``[batch, 1]`` (kind ``mos``) or ``[batch, D]`` (kind ``embedding``).
+The input length is either fixed (the window is zero-padded to it) or
+variable (the window is zero-padded at the end to a multiple of
+``pad_multiple``).  Any file that fits runs; one that does not is refused with
+a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KINDS = ("mos", "embedding")
+
+
+class ModelError(Exception):
+    """A model file is missing, unreadable, or does not fit the contract."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    file: Path | None
+    kind: str = "mos"  # mos | embedding
+    input_name: str | None = None  # None: the model's only input
+    output_name: str | None = None  # None: the model's first output
+    sample_rate: int = 16_000
+    native_window_s: float = 4.0  # the length the model was trained on / expects
+    input_samples: int | None = None  # fixed input length, or None for variable length
+    pad_multiple: int = 1  # variable-length inputs are zero-padded to a multiple of this
+    window_s: float | None = None  # default monitor window (None: the native window)
+    hop_s: float = 1.0
+    licence: str = ""
+    domain: str = ""  # natural | synthetic | ...
+    description: str = ""
+    url: str | None = None  # where the file can be downloaded from
+    bundled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ModelError(f"model {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+        if self.sample_rate != 16_000:
+            raise ModelError(f"model {self.name!r}: only 16 kHz models are supported")
+        if self.pad_multiple < 1:
+            raise ModelError(f"model {self.name!r}: pad_multiple must be >= 1")
+
+    @property
+    def mode(self) -> str:
+        """The scoring mode this model serves: nr (MOS) or ref (embedding distance)."""
+        return "nr" if self.kind == "mos" else "ref"
+
+    @property
+    def default_window_s(self) -> float:
+        return self.window_s if self.window_s is not None else self.native_window_s
+
+    def padded_length(self, n: int) -> int:
+        """Length of the model input for a window of ``n`` samples."""
+        if self.input_samples:
+            return self.input_samples
+        m = self.pad_multiple
+        return max(m, -(-n // m) * m)
+
+    def with_file(self, file: Path) -> "ModelSpec":
+        return replace(self, file=Path(file))
+
+
+def load_spec_file(path: str | Path, model_file: str | Path | None = None) -> ModelSpec:
+    """Read a model spec from a TOML file.
+
+    Keys are the :class:`ModelSpec` field names; ``file`` is relative to the
+    spec file.  ``model_file`` (from ``--model PATH``) overrides ``file``.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ModelError(f"cannot read model spec {path}: {e}") from e
+    known = set(ModelSpec.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ModelError(f"model spec {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    if model_file is not None:
+        data["file"] = Path(model_file)
+    elif "file" in data:
+        data["file"] = (path.parent / data["file"]).resolve()
+    else:
+        raise ModelError(f"model spec {path}: no 'file' and no --model PATH given")
+    data.setdefault("name", Path(data["file"]).stem)
+    data.pop("bundled", None)
+    try:
+        return ModelSpec(**data)
+    except TypeError as e:
+        raise ModelError(f"model spec {path}: {e}") from e
