@@ -1,0 +1,80 @@
+"""What every input has in common: raw frames in, 16 kHz mono float32 out."""
+
+from __future__ import annotations
+
+import abc
+from typing import AsyncIterator, ClassVar
+
+import numpy as np
+import soxr
+
+from scoreq_live.audio import to_mono_float
+from scoreq_live.core import SAMPLE_RATE
+
+
+class SourceError(Exception):
+    """An input cannot be opened or has failed; the message is for the user."""
+
+
+class Normaliser:
+    """Downmix, convert to float32, clean NaN/Inf and resample one stream to 16 kHz.
+
+    The resampler is a streaming soxr resampler kept per stream, so chunk
+    boundaries leave no clicks and the output is the same however the input
+    was chunked.
+    """
+
+    def __init__(self, rate: int) -> None:
+        if rate <= 0:
+            raise SourceError(f"invalid sample rate {rate}")
+        self.rate = rate
+        self._rs = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+
+    def process(self, frames: np.ndarray, last: bool = False) -> np.ndarray:
+        x = to_mono_float(frames)
+        if self._rs is None:
+            return x
+        return self._rs.resample_chunk(x, last=last)
+
+    def flush(self) -> np.ndarray:
+        if self._rs is None:
+            return np.zeros(0, dtype=np.float32)
+        return self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+
+
+class Source(abc.ABC):
+    """One input stream.
+
+    Subclasses implement :meth:`frames`, an async iterator of raw
+    ``[n, channels]`` (or ``[n]``) int or float arrays at :attr:`rate`; they set
+    ``rate`` and ``channels`` before yielding the first frames.  Consumers
+    iterate :meth:`chunks`, which yields normalised 16 kHz mono float32.
+    """
+
+    kind: ClassVar[str] = "source"
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        self.name = name
+        self.detail = detail
+        self.rate = 0
+        self.channels = 0
+
+    def check(self) -> None:
+        """Fail early, with a :class:`SourceError` for the user, if the input cannot be opened."""
+
+    @abc.abstractmethod
+    def frames(self) -> AsyncIterator[np.ndarray]:
+        """Raw frames at ``self.rate``; ends at end of stream, raises :class:`SourceError` on failure."""
+
+    async def chunks(self) -> AsyncIterator[np.ndarray]:
+        norm: Normaliser | None = None
+        async for frames in self.frames():
+            if norm is None:
+                norm = Normaliser(self.rate)
+            out = norm.process(frames)
+            if out.size:
+                yield out
+        if norm is not None:
+            tail = norm.flush()
+            if tail.size:
+                yield tail
