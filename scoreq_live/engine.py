@@ -1,0 +1,193 @@
+"""The asyncio engine: sources -> stream cores -> batched scoring -> event bus.
+
+It only moves data.  Windowing, gating, ordering and smoothing live in
+:mod:`scoreq_live.core.stream`; the model lives behind
+:class:`scoreq_live.scoring.scorer.Scorer`; outputs read the
+:class:`scoreq_live.bus.EventBus`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from scoreq_live.bus import EventBus
+from scoreq_live.core.events import StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.stream import StreamConfig, StreamCore, Window
+from scoreq_live.sources.base import Source, SourceError
+
+log = logging.getLogger(__name__)
+
+OVERLOADED = "overloaded"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    max_batch: int = 16
+    # How long the first window of a batch waits for windows of other streams
+    # that are due at the same moment (sources are not perfectly in step).
+    batch_wait_s: float = 0.01
+    # Windows waiting for the scorer, across streams.  Live inputs that find the
+    # queue full have the window skipped ("overloaded") rather than let latency grow
+    # without bound; file inputs with --fast wait instead.
+    max_pending: int = 256
+    fast: bool = False
+
+
+_STOP = object()
+
+
+class Engine:
+    """Runs sources concurrently and scores their windows in shared batches."""
+
+    def __init__(self, scorer, sources: list[Source], config: EngineConfig, bus: EventBus,
+                 clock=time.monotonic, wall=time.time) -> None:
+        self.scorer = scorer
+        self.sources = sources
+        self.config = config
+        self.bus = bus
+        self.clock = clock
+        self.wall = wall
+        self.cores: dict[str, StreamCore] = {}
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=config.max_pending)
+        self._resolved = asyncio.Condition()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        self._stop = asyncio.Event()
+        self.batches: list[int] = []  # sizes of the runs made, for tests and benchmarks
+        self.inference_s = 0.0
+
+    def _publish_drained(self, core: StreamCore) -> None:
+        for ev in core.drain(self.clock(), self.wall()):
+            self.bus.publish(ev)
+
+    async def _submit(self, core: StreamCore, window: Window) -> None:
+        if self.config.fast:
+            await self._queue.put((core, window))
+            return
+        try:
+            self._queue.put_nowait((core, window))
+        except asyncio.QueueFull:
+            core.resolve(window, None, OVERLOADED)
+
+    async def _pump(self, source: Source) -> None:
+        cfg = self.config.stream
+        core = StreamCore(source.name, cfg)
+        self.cores[source.name] = core
+        started = False
+        end_reason = "eof"
+        try:
+            async for chunk in source.chunks():
+                if not started:
+                    self._started(source)
+                    started = True
+                for w in core.feed(chunk, self.clock()):
+                    await self._submit(core, w)
+                self._publish_drained(core)
+            for w in core.finish(self.clock()):
+                await self._submit(core, w)
+        except asyncio.CancelledError:
+            end_reason = "stopped"
+        except SourceError as e:
+            end_reason = "error"
+            self.bus.publish(StreamError(stream=source.name, ts=self.wall(), error=str(e)))
+        except Exception as e:  # a broken stream must not take down the others
+            log.exception("stream %s failed", source.name)
+            end_reason = "error"
+            self.bus.publish(StreamError(stream=source.name, ts=self.wall(), error=f"{type(e).__name__}: {e}"))
+        finally:
+            if end_reason == "stopped":
+                # Shutting down: windows still queued will not be scored.
+                for w in list(core._order):
+                    if not w.resolved:
+                        core.resolve(w, None, "stopped")
+            else:
+                async with self._resolved:
+                    await self._resolved.wait_for(lambda: core.pending == 0)
+            self._publish_drained(core)
+            if started or end_reason != "error":
+                if not started:
+                    self._started(source)
+                self.bus.publish(StreamEnded(stream=source.name, ts=self.wall(), reason=end_reason,
+                                             t=core.t, windows=core.windows, scored=core.scored))
+
+    def _started(self, source: Source) -> None:
+        cfg = self.config.stream
+        self.bus.publish(StreamStarted(
+            stream=source.name, ts=self.wall(), source=source.kind, detail=source.detail,
+            rate=source.rate, channels=source.channels, model=cfg.model, mode=cfg.mode,
+            window_s=cfg.window_s, hop_s=cfg.hop_s))
+
+    async def _collect(self, first) -> list:
+        batch = [first]
+        deadline = self.clock() + (0 if self.config.fast else self.config.batch_wait_s)
+        while len(batch) < self.config.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - self.clock()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            if item is _STOP:
+                self._queue.put_nowait(_STOP)  # seen again after this batch
+                break
+            batch.append(item)
+        return batch
+
+    async def _score_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch = await self._collect(first)
+            audio = [w.audio for _, w in batch]
+            t0 = time.perf_counter()
+            try:
+                values = await loop.run_in_executor(self._executor, self.scorer.score, audio)
+                reason = None
+            except Exception as e:
+                log.error("scoring a batch of %d windows failed: %s", len(batch), e)
+                values, reason = [None] * len(batch), ERROR
+            self.inference_s += time.perf_counter() - t0
+            self.batches.append(len(batch))
+            touched = {}
+            for (core, w), v in zip(batch, values):
+                core.resolve(w, None if v is None else float(v), reason)
+                touched[core.name] = core
+            for core in touched.values():
+                self._publish_drained(core)
+            async with self._resolved:
+                self._resolved.notify_all()
+
+    def stop(self) -> None:
+        """End all streams now (their ``stream_ended`` says ``stopped``); safe from a signal handler."""
+        self._stop.set()
+
+    async def run(self, duration: float | None = None) -> None:
+        """Run until every source has ended, :meth:`stop` is called, or ``duration`` seconds pass."""
+        scorer_task = asyncio.create_task(self._score_loop(), name="scorer")
+        pumps = [asyncio.create_task(self._pump(s), name=f"source:{s.name}") for s in self.sources]
+        stopper = asyncio.create_task(self._stop.wait(), name="stop")
+        all_ended = asyncio.gather(*pumps, return_exceptions=True)
+        try:
+            await asyncio.wait([all_ended, stopper], timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            for t in pumps:
+                t.cancel()  # a no-op for pumps that have ended
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await self._queue.put(_STOP)
+            try:
+                await scorer_task
+            finally:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self.bus.close()

@@ -1,0 +1,1 @@
+"""Outputs: each reads the event bus and renders the same events its own way."""

@@ -1,0 +1,172 @@
+"""A live terminal panel (rich): one row per stream.
+
+:class:`PanelState` folds events into a view model and :func:`render` turns
+it into a rich table, so the panel can be rendered to text in tests with
+``Console(record=True)``; :class:`TerminalSink` only refreshes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from scoreq_live.bus import Subscription
+from scoreq_live.core.events import Event, ScoreEvent, StreamEnded, StreamError, StreamStarted
+
+SPARK = "▁▂▃▄▅▆▇█"
+HISTORY_S = 60.0
+
+
+@dataclass
+class StreamRow:
+    name: str
+    state: str = "starting"
+    source: str = ""
+    mode: str = "nr"
+    model: str = ""
+    value: float | None = None
+    smoothed: float | None = None
+    speech: float = 0.0
+    level_dbfs: float = -120.0
+    reason: str | None = None
+    t: float = 0.0
+    error: str = ""
+    history: deque = field(default_factory=deque)  # (t_end, value or None)
+
+
+class PanelState:
+    """The panel's view model, updated by events."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, StreamRow] = {}
+
+    def row(self, name: str) -> StreamRow:
+        if name not in self.rows:
+            self.rows[name] = StreamRow(name)
+        return self.rows[name]
+
+    def update(self, ev: Event) -> None:
+        r = self.row(ev.stream)
+        if isinstance(ev, StreamStarted):
+            r.state, r.source, r.mode, r.model = "live", ev.source, ev.mode, ev.model
+        elif isinstance(ev, ScoreEvent):
+            r.mode, r.model = ev.mode, ev.model
+            r.value = ev.value
+            r.smoothed = ev.smoothed
+            r.speech, r.level_dbfs, r.reason, r.t = ev.speech, ev.level_dbfs, ev.reason, ev.t_end
+            r.history.append((ev.t_end, ev.value))
+            while r.history and r.history[0][0] < ev.t_end - HISTORY_S:
+                r.history.popleft()
+        elif isinstance(ev, StreamEnded):
+            r.state = "ended" if ev.reason == "eof" else ev.reason
+        elif isinstance(ev, StreamError):
+            r.state, r.error = "error", ev.error
+
+
+def sparkline(history, lo: float, hi: float, width: int, span: float = HISTORY_S) -> str:
+    """Unicode sparkline of ``(t, value)`` points over the last ``span`` seconds.
+
+    Time is split into ``width`` buckets ending at the newest point; a bucket
+    shows the mean of its values, or a space where no window was scored (a gap
+    in speech stays visible as a gap).
+    """
+    pts = list(history)
+    if not pts:
+        return " " * width
+    t_end = pts[-1][0]
+    step = span / width
+    sums = [0.0] * width
+    counts = [0] * width
+    for t, v in pts:
+        if v is None or not math.isfinite(v):
+            continue
+        k = width - 1 - int((t_end - t) / step)
+        if 0 <= k < width:
+            sums[k] += v
+            counts[k] += 1
+    out = []
+    for s_, n in zip(sums, counts):
+        if n == 0:
+            out.append(" ")
+            continue
+        v = s_ / n
+        f = (min(max(v, lo), hi) - lo) / (hi - lo) if hi > lo else 0.5
+        out.append(SPARK[min(len(SPARK) - 1, int(f * len(SPARK)))])
+    return "".join(out)
+
+
+def _band_style(mode: str, v: float | None) -> str:
+    if v is None:
+        return "dim"
+    if mode == "nr":
+        return "green" if v >= 4.0 else "yellow" if v >= 3.0 else "red"
+    return "cyan"
+
+
+def _fmt(v: float | None, mode: str) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if mode == "nr" else f"{v:.3f}"
+
+
+def render(state: PanelState, width: int = 80) -> Table:
+    table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
+    spark_w = max(8, min(30, width - 62))
+    table.add_column("stream", max_width=12, no_wrap=True, overflow="ellipsis")
+    table.add_column("now", justify="right", width=5)
+    table.add_column("avg", justify="right", width=5)
+    table.add_column(f"last {int(HISTORY_S)}s", width=spark_w, no_wrap=True)
+    table.add_column("speech", justify="right", width=6)
+    table.add_column("level", justify="right", width=7)
+    table.add_column("state", width=8, no_wrap=True, overflow="ellipsis")
+    table.add_column("model", max_width=11, no_wrap=True, overflow="ellipsis")
+    for r in state.rows.values():
+        if r.mode == "nr":
+            lo, hi = 1.0, 5.0
+        else:
+            vals = [v for _, v in r.history if v is not None]
+            lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+        spark = sparkline(r.history, lo, hi, spark_w)
+        now = Text(_fmt(r.value, r.mode), style=_band_style(r.mode, r.value))
+        if r.value is None and r.reason:
+            now = Text(r.reason.replace("_", " ")[:5], style="dim")
+        state_txt = Text(r.state, style={"live": "green", "error": "bold red"}.get(r.state, "dim"))
+        table.add_row(
+            r.name, now,
+            Text(_fmt(r.smoothed, r.mode), style=_band_style(r.mode, r.smoothed) + " bold"),
+            Text(spark, style=_band_style(r.mode, r.smoothed)),
+            f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB", state_txt, r.model,
+        )
+    return table
+
+
+class TerminalSink:
+    """Redraws the panel a few times a second from the event stream."""
+
+    def __init__(self, console: Console | None = None, title: str = "", refresh_per_second: float = 4.0) -> None:
+        self.console = console or Console(stderr=True)
+        self.state = PanelState()
+        self.title = title
+        self.refresh = refresh_per_second
+
+    def renderable(self):
+        head = Text(self.title, style="bold") if self.title else Text("")
+        errors = [Text(f"{r.name}: {r.error}", style="red") for r in self.state.rows.values() if r.error]
+        return Group(head, render(self.state, self.console.width), *errors)
+
+    async def run(self, sub: Subscription) -> None:
+        with Live(self.renderable(), console=self.console, refresh_per_second=self.refresh,
+                  transient=False, redirect_stderr=False) as live:
+            async for ev in sub:
+                self.state.update(ev)
+                # Coalesce bursts: apply everything already queued before redrawing.
+                while (more := sub.get_nowait()) is not None:
+                    self.state.update(more)
+                live.update(self.renderable())
