@@ -118,15 +118,15 @@ def _fmt(v: float | None, mode: str) -> str:
 
 def render(state: PanelState, width: int = 80) -> Table:
     table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
-    spark_w = max(8, min(30, width - 62))
+    spark_w = max(8, min(30, width - 69))
     table.add_column("stream", max_width=12, no_wrap=True, overflow="ellipsis")
     table.add_column("now", justify="right", width=5)
     table.add_column("avg", justify="right", width=5)
     table.add_column(f"last {int(HISTORY_S)}s", width=spark_w, no_wrap=True)
     table.add_column("speech", justify="right", width=6)
     table.add_column("level", justify="right", width=7)
-    table.add_column("state", width=8, no_wrap=True, overflow="ellipsis")
-    table.add_column("model", max_width=11, no_wrap=True, overflow="ellipsis")
+    table.add_column("state", width=9, no_wrap=True, overflow="ellipsis")
+    table.add_column("model", max_width=10, no_wrap=True, overflow="ellipsis")
     for r in state.rows.values():
         if r.mode == "nr":
             lo, hi = 1.0, 5.0
@@ -135,9 +135,11 @@ def render(state: PanelState, width: int = 80) -> Table:
             lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         spark = sparkline(r.history, lo, hi, spark_w)
         now = Text(_fmt(r.value, r.mode), style=_band_style(r.mode, r.value))
-        if r.value is None and r.reason:
-            now = Text(r.reason.replace("_", " ")[:5], style="dim")
-        state_txt = Text(r.state, style={"live": "green", "error": "bold red"}.get(r.state, "dim"))
+        if r.state == "live" and r.value is None and r.reason:
+            # Say why there is no score now: a quiet call leg is not a bad one.
+            state_txt = Text(r.reason.replace("_", " "), style="yellow")
+        else:
+            state_txt = Text(r.state, style={"live": "green", "error": "bold red"}.get(r.state, "dim"))
         table.add_row(
             r.name, now,
             Text(_fmt(r.smoothed, r.mode), style=_band_style(r.mode, r.smoothed) + " bold"),

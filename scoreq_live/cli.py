@@ -1,0 +1,254 @@
+"""Command line: argument parsing and wiring only.
+
+    scoreq-live [monitor] --input SPEC [--input SPEC ...] [options]
+    scoreq-live demo      [options]
+    scoreq-live score     PATH... [--csv F] [--json F|-]
+    scoreq-live devices
+    scoreq-live models list
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from scoreq_live import __version__
+
+COMMANDS = ("monitor", "demo", "score", "devices", "models")
+
+def examples_dir() -> Path:
+    """Where the example recordings are: installed as package data from the top-level examples/."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("scoreq_live.examples")))
+    except ModuleNotFoundError:  # running from a source tree without installing
+        return Path(__file__).resolve().parent.parent / "examples"
+
+
+def _err(msg: str) -> int:
+    print(f"scoreq-live: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _scoring_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring")
+    g.add_argument("--model", help="catalogue name (see 'models list') or an ONNX file (default: distillmos; "
+                                    "distillmos-embedding in --mode ref)")
+    g.add_argument("--model-spec", metavar="TOML", help="model contract for an ONNX file (names, kind, window, padding)")
+    g.add_argument("--model-kind", choices=("mos", "embedding"), help="kind of an ONNX file given without a spec")
+    g.add_argument("--mode", choices=("nr", "ref"), help="nr: MOS 1-5; ref: distance to --reference (lower is better)")
+    g.add_argument("--reference", action="append", default=[], metavar="CLEAN.wav",
+                   help="clean speech for --mode ref (repeatable); embedded once at start")
+    g.add_argument("--window", type=float, metavar="S", help="window length in seconds (default: 4 s for "
+                                                              "SCOREQ-style models, the model's native window otherwise)")
+    g.add_argument("--hop", type=float, metavar="S", help="hop between windows in seconds (default 1)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="onnxruntime provider; auto uses CUDA when it loads, else CPU (default auto)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference (default: all cores)")
+    g.add_argument("--max-batch", type=int, default=16, metavar="N", help="most windows in one model run (default 16)")
+    g.add_argument("--min-speech", type=float, default=0.2, metavar="F",
+                   help="speech fraction a window needs to be scored (default 0.2)")
+    g.add_argument("--vad", type=int, default=2, choices=(0, 1, 2, 3), help="VAD aggressiveness (default 2)")
+    g.add_argument("--smoothing", choices=("ema", "median"), default="ema", help="smoothing of the score (default ema)")
+    g.add_argument("--smoothing-s", type=float, default=5.0, metavar="S",
+                   help="EMA time constant / median span in seconds (default 5)")
+
+
+def _monitor_args(p: argparse.ArgumentParser, inputs_required: bool) -> None:
+    p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC", required=inputs_required,
+                   help="'mic', 'mic:NAME_OR_INDEX' or an audio file; repeat for several streams")
+    p.add_argument("--fast", action="store_true", help="play files as fast as scoring allows (same windows and scores)")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--jsonl", metavar="PATH|-", help="write every event as a JSON line")
+    p.add_argument("--no-tui", action="store_true", help="no terminal panel (for services and pipes)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no start-up messages")
+    _scoring_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scoreq-live", description="Realtime speech-quality monitor.")
+    p.add_argument("--version", action="version", version=f"scoreq-live {__version__}")
+    sub = p.add_subparsers(dest="command")
+    m = sub.add_parser("monitor", help="score live inputs (the default command)")
+    _monitor_args(m, inputs_required=True)
+    d = sub.add_parser("demo", help="monitor the bundled example recordings (no sound card, no network)")
+    _monitor_args(d, inputs_required=False)
+    s = sub.add_parser("score", help="score files, folders and list files offline")
+    s.add_argument("paths", nargs="+", metavar="PATH", help="audio file, folder (searched recursively) or list file")
+    s.add_argument("--csv", metavar="PATH|-", help="write one row per file")
+    s.add_argument("--json", metavar="PATH|-", help="write a JSON array, one object per file, with its windows")
+    s.add_argument("--no-progress", action="store_true")
+    _scoring_args(s)
+    sub.add_parser("devices", help="list sound input devices")
+    mo = sub.add_parser("models", help="known models")
+    mo_sub = mo.add_subparsers(dest="models_command")
+    mo_sub.add_parser("list", help="list known models")
+    return p
+
+
+def _scoring_opts(cls, a, **extra):
+    return cls(model=a.model, model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
+               references=a.reference, window_s=a.window, hop_s=a.hop, device=a.device, threads=a.threads,
+               max_batch=a.max_batch, min_speech=a.min_speech, vad=a.vad, smoothing=a.smoothing,
+               smoothing_s=a.smoothing_s, **extra)
+
+
+def demo_inputs() -> list[str]:
+    files = sorted(examples_dir().glob("*.wav"))
+    return [f"{f.stem}={f}" for f in files]
+
+
+def cmd_monitor(a) -> int:
+    from rich.console import Console
+
+    from scoreq_live.monitor import ConfigError, MonitorOptions, load_scorer, open_sources, run_monitor
+    from scoreq_live.sinks.jsonl import JsonlSink
+    from scoreq_live.sinks.status import StatusSink
+    from scoreq_live.sinks.terminal import TerminalSink
+
+    opts = _scoring_opts(MonitorOptions, a, inputs=a.input, fast=a.fast, duration=a.duration)
+    console = Console(stderr=True)
+    try:
+        sources = open_sources(opts)  # a missing file or sound card is reported before the model loads
+        bundle = load_scorer(opts)
+    except ConfigError as e:
+        return _err(str(e))
+    scorer, config, model = bundle
+    if not a.quiet:
+        why = "" if model.device == "cuda" or a.device == "cpu" else " (no usable CUDA provider)"
+        console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {config.mode}, "
+                      f"window {config.window_s:g}s, hop {config.hop_s:g}s", highlight=False)
+    sinks = []
+    if a.jsonl:
+        sinks.append(JsonlSink(a.jsonl))
+    if a.no_tui:
+        if not a.quiet:
+            sinks.append(StatusSink())
+    else:
+        sinks.append(TerminalSink(console, title=f"scoreq-live · {model.describe()}"))
+    try:
+        asyncio.run(run_monitor(opts, sinks, scorer_bundle=bundle, sources=sources))
+    except ConfigError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(a) -> int:
+    if not a.input:
+        a.input = demo_inputs()
+        if not a.input:
+            return _err(f"no example recordings found in {examples_dir()}")
+    return cmd_monitor(a)
+
+
+def cmd_score(a) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from scoreq_live.monitor import ConfigError, ScoringOptions, load_scorer
+    from scoreq_live.offline import InputError, expand_paths, score_file, write_csv, write_json
+
+    try:
+        files = expand_paths(a.paths)
+    except InputError as e:
+        return _err(str(e))
+    if not files:
+        return _err("no audio files found")
+    try:
+        scorer, config, model = load_scorer(_scoring_opts(ScoringOptions, a))
+    except ConfigError as e:
+        return _err(str(e))
+    err = Console(stderr=True)
+    results = []
+    show = not a.no_progress and len(files) > 1 and err.is_terminal
+    with Progress(console=err, disable=not show, transient=True) as progress:
+        task = progress.add_task("scoring", total=len(files))
+        for f in files:
+            results.append(score_file(f, scorer, config))
+            progress.advance(task)
+    key = "MOS" if config.mode == "nr" else "distance"
+    table = Table(title=f"{model.describe()} · window {config.window_s:g}s hop {config.hop_s:g}s")
+    table.add_column("file")
+    table.add_column(key, justify="right")
+    table.add_column("windows", justify="right")
+    table.add_column("note")
+    for r in results:
+        v = "–" if r.value is None else (f"{r.value:.3f}" if config.mode == "nr" else f"{r.value:.4f}")
+        table.add_row(r.file, v, str(len(r.windows)), r.error or "")
+    out = Console(stderr=a.json == "-" or a.csv == "-")
+    out.print(table)
+    if a.csv:
+        write_csv(results, a.csv)
+    if a.json:
+        write_json(results, a.json)
+    return 1 if all(r.error and r.value is None and not r.windows for r in results) else 0
+
+
+def cmd_devices(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from scoreq_live.sources import SourceError
+    from scoreq_live.sources.device import input_devices
+
+    try:
+        devices = input_devices()
+    except SourceError as e:
+        return _err(str(e))
+    if not devices:
+        return _err("no sound input device found; use --input FILE to score a recording instead")
+    t = Table(title="input devices (use --input mic:INDEX or mic:NAME)")
+    for c in ("index", "name", "channels", "rate", "host API", "default"):
+        t.add_column(c)
+    for d in devices:
+        t.add_row(str(d["index"]), d["name"], str(d["channels"]), str(d["rate"]), d["hostapi"],
+                  "*" if d["default"] else "")
+    Console().print(t)
+    return 0
+
+
+def cmd_models(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from scoreq_live.scoring.catalogue import known_models
+
+    t = Table(title="models")
+    for c in ("name", "domain", "mode", "kind", "window", "size", "licence", "installed"):
+        t.add_column(c)
+    notes = []
+    for spec in known_models().values():
+        installed = spec.file is not None and spec.file.is_file()
+        size = f"{spec.file.stat().st_size / 1e6:.0f} MB" if installed else ""
+        t.add_row(spec.name, spec.domain, spec.mode, spec.kind, f"{spec.native_window_s:g}s", size, spec.licence,
+                  ("bundled" if spec.bundled else str(spec.file)) if installed else "no")
+        notes.append(f"[bold]{spec.name}[/]: {spec.description}")
+    c = Console()
+    c.print(t)
+    for n in notes:
+        c.print(n, highlight=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The monitor is the default command: `scoreq-live --input mic` needs no verb.
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "monitor")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 0
+    if a.command == "models" and a.models_command is None:
+        a.models_command = "list"
+    return {"monitor": cmd_monitor, "demo": cmd_demo, "score": cmd_score,
+            "devices": cmd_devices, "models": cmd_models}[a.command](a)

@@ -1,0 +1,135 @@
+"""The asyncio engine with real files, real sources and a real ONNX session."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import MUSHRA, SCOREQ_PAIR, joined
+from scoreq_live.bus import EventBus
+from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.stream import StreamConfig
+from scoreq_live.engine import Engine, EngineConfig
+from scoreq_live.scoring.catalogue import resolve_model
+from scoreq_live.scoring.scorer import Scorer
+from scoreq_live.scoring.session import OnnxModel
+from scoreq_live.sources import FileSource, open_inputs
+
+
+async def run_engine(scorer, sources, config):
+    bus = EventBus()
+    sub = bus.subscribe()
+    engine = Engine(scorer, sources, config, bus)
+    await engine.run()
+    events = []
+    async for ev in sub:
+        events.append(ev)
+    return engine, events
+
+
+def by_stream(events, name):
+    return [e for e in events if e.stream == name]
+
+
+@pytest.fixture
+def tiny_scorer(tiny_nr):
+    return Scorer(OnnxModel(resolve_model(str(tiny_nr)), device="cpu"), max_batch=8)
+
+
+@pytest.fixture
+def long_24k_stereo(tmp_path, data):
+    """A 24 s stereo 24 kHz stream joined from MUSHRA references (exercises downmix + resampling)."""
+    import soxr
+
+    x = joined(sorted(MUSHRA.glob("stim_0*/ref.wav")))
+    y = soxr.resample(x, 16000, 24000)
+    path = tmp_path / "long.wav"
+    sf.write(path, np.stack([y, y], axis=1), 24000, subtype="PCM_16")
+    return path
+
+
+async def test_windows_of_many_streams_share_batched_runs(tiny_scorer, data):
+    files = [f"s{i}={p}" for i, p in enumerate(sorted(MUSHRA.glob("stim_0*/ref.wav"))[:6])]
+    cfg = EngineConfig(stream=StreamConfig(window_s=1.0, hop_s=0.5, model="tiny"), max_batch=8, fast=True)
+    engine, events = await run_engine(tiny_scorer, open_inputs(files, fast=True), cfg)
+    assert max(engine.batches) > 1, "windows of different streams should be scored together"
+    for i in range(6):
+        evs = by_stream(events, f"s{i}")
+        assert isinstance(evs[0], StreamStarted) and isinstance(evs[-1], StreamEnded)
+        scores = [e for e in evs if isinstance(e, ScoreEvent)]
+        assert [e.window for e in scores] == list(range(len(scores)))
+        assert all(e.mos is not None for e in scores if e.reason is None)
+
+
+async def test_a_broken_stream_does_not_take_down_the_others(tiny_scorer, tmp_path, data):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    sources = open_inputs([f"good={SCOREQ_PAIR / 'ref.wav'}", f"bad={broken}"], fast=True)
+    cfg = EngineConfig(stream=StreamConfig(window_s=2.0, hop_s=1.0, model="tiny"), fast=True)
+    _, events = await run_engine(tiny_scorer, sources, cfg)
+    bad = by_stream(events, "bad")
+    assert len(bad) == 1 and isinstance(bad[0], StreamError) and "broken.wav" in bad[0].error
+    good = by_stream(events, "good")
+    assert isinstance(good[-1], StreamEnded) and good[-1].scored >= 3
+
+
+async def test_a_scorer_failure_marks_windows_and_keeps_going(tiny_nr, data):
+    class Flaky(Scorer):
+        calls = 0
+
+        def score(self, windows):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("device lost")
+            return super().score(windows)
+
+    scorer = Flaky(OnnxModel(resolve_model(str(tiny_nr)), device="cpu"), max_batch=1)
+    cfg = EngineConfig(stream=StreamConfig(window_s=2.0, hop_s=1.0, model="tiny"), max_batch=1, fast=True)
+    _, events = await run_engine(scorer, [FileSource("a", SCOREQ_PAIR / "ref.wav", fast=True)], cfg)
+    scores = [e for e in events if isinstance(e, ScoreEvent)]
+    assert scores[0].reason == "error" and scores[0].mos is None
+    assert all(e.mos is not None for e in scores[1:])
+
+
+async def test_fast_and_real_time_give_the_same_events(bundled_nr, data):
+    scorer = Scorer(bundled_nr)
+    stream = StreamConfig(window_s=4.0, hop_s=1.0, model="distillmos")
+    path = SCOREQ_PAIR / "opus.wav"
+    _, fast = await run_engine(scorer, [FileSource("x", path, fast=True)], EngineConfig(stream=stream, fast=True))
+    _, live = await run_engine(scorer, [FileSource("x", path, fast=False)], EngineConfig(stream=stream))
+
+    def key(evs):
+        return [(e.window, e.t_start, e.t_end, e.reason, e.speech, e.level_dbfs)
+                for e in evs if isinstance(e, ScoreEvent)]
+
+    assert key(fast) == key(live) and len(key(fast)) == 3  # [0,4] [1,5] and the tail [2,5.4]
+    f = [e.mos for e in fast if isinstance(e, ScoreEvent)]
+    r = [e.mos for e in live if isinstance(e, ScoreEvent)]
+    np.testing.assert_allclose(f, r, atol=1e-5)
+    lat = [e.latency_ms for e in live if isinstance(e, ScoreEvent)]
+    assert max(lat) < 2000  # real time: scored within a fraction of the hop on this machine
+
+
+async def test_real_time_file_takes_real_time(tiny_scorer, data):
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    cfg = EngineConfig(stream=StreamConfig(window_s=2.0, hop_s=1.0, model="tiny"))
+    await run_engine(tiny_scorer, [FileSource("a", MUSHRA / "stim_04" / "ref.wav")], cfg)
+    assert loop.time() - t0 >= 2.0  # 2.08 s of audio
+
+
+async def test_monitor_timeline_over_a_resampled_stereo_stream_tracks_offline_scoring(bundled_nr, long_24k_stereo):
+    from scoreq_live.offline import score_file
+
+    scorer = Scorer(bundled_nr, max_batch=8)
+    stream = StreamConfig(window_s=7.68, hop_s=2.0, model="distillmos")
+    _, events = await run_engine(scorer, [FileSource("long", long_24k_stereo, fast=True)],
+                                 EngineConfig(stream=stream, max_batch=8, fast=True))
+    live = [e for e in events if isinstance(e, ScoreEvent)]
+    offline = score_file(long_24k_stereo, scorer, stream)
+    assert [(round(e.t_start, 4), round(e.t_end, 4)) for e in live] == [(w["t_start"], w["t_end"]) for w in offline.windows]
+    diffs = [abs(e.mos - w["mos"]) for e, w in zip(live, offline.windows) if e.mos is not None]
+    assert len(diffs) >= 8 and max(diffs) < 0.02  # streaming vs one-shot resampling only
+    live_mean = np.mean([e.mos for e in live if e.mos is not None])
+    assert live_mean == pytest.approx(offline.value, abs=0.01)

@@ -1,0 +1,62 @@
+"""The terminal panel rendered to text, as a person at an 80-column terminal sees it."""
+
+import json
+
+from rich.console import Console
+
+from scoreq_live.bus import EventBus
+from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.sinks.terminal import PanelState, TerminalSink, render, sparkline
+
+
+def events():
+    yield StreamStarted(stream="alice-uplink", ts=0, source="mic", model="distillmos", mode="nr")
+    yield StreamStarted(stream="bob", ts=0, source="file", model="distillmos", mode="nr")
+    for k in range(70):
+        speech = k % 10 != 9
+        yield ScoreEvent(stream="alice-uplink", ts=0, window=k, t_start=k, t_end=k + 4, mos=4.3 if speech else None,
+                         smoothed=4.25, speech=0.8 if speech else 0.0, level_dbfs=-24.0, model="distillmos",
+                         reason=None if speech else "no_speech")
+        yield ScoreEvent(stream="bob", ts=0, window=k, t_start=k, t_end=k + 4, mos=2.1, smoothed=2.2,
+                         speech=0.6, level_dbfs=-31.0, model="distillmos")
+    yield StreamEnded(stream="bob", ts=0)
+    yield StreamError(stream="carol", ts=0, error="input device 'USB' stopped delivering audio")
+
+
+def test_panel_fits_80_columns_and_shows_each_stream():
+    state = PanelState()
+    for ev in events():
+        state.update(ev)
+    console = Console(record=True, width=80)
+    console.print(render(state, 80))
+    text = console.export_text()
+    lines = text.rstrip("\n").splitlines()
+    assert all(len(l) <= 80 for l in lines)
+    alice = next(l for l in lines if l.startswith("alice"))
+    bob = next(l for l in lines if l.startswith("bob"))
+    carol = next(l for l in lines if l.startswith("carol"))
+    # alice's last window had no speech: no current score, the smoothed one stays, the state says why
+    assert "4.25" in alice and "–" in alice and "no speech" in alice and "-24dB" in alice
+    assert "2.10" in bob and "2.20" in bob and "ended" in bob
+    assert "error" in carol
+    assert "▇" in alice or "█" in alice  # high scores draw high bars
+    assert "▂" in bob or "▃" in bob
+
+
+def test_sparkline_leaves_gaps_where_nothing_was_scored():
+    pts = [(float(t), 5.0 if t % 2 else None) for t in range(60)]
+    s = sparkline(pts, 1.0, 5.0, 20, span=20.0)
+    assert " " in s and "█" in s and len(s) == 20
+
+
+async def test_terminal_sink_renders_a_live_event_stream():
+    console = Console(record=True, width=80, force_terminal=True)
+    sink = TerminalSink(console, title="test")
+    bus = EventBus()
+    sub = bus.subscribe()
+    for ev in events():
+        bus.publish(ev)
+    bus.close()
+    await sink.run(sub)
+    text = console.export_text()
+    assert "alice-uplink" in text and "bob" in text and "stopped delivering audio" in text
