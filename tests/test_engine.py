@@ -14,7 +14,7 @@ from scoreq_live.engine import Engine, EngineConfig
 from scoreq_live.scoring.catalogue import resolve_model
 from scoreq_live.scoring.scorer import Scorer
 from scoreq_live.scoring.session import OnnxModel
-from scoreq_live.sources import FileSource, open_inputs
+from scoreq_live.sources import FileSource, SourceError, open_inputs
 
 
 async def run_engine(scorer, sources, config):
@@ -65,13 +65,35 @@ async def test_windows_of_many_streams_share_batched_runs(tiny_scorer, data):
 async def test_a_broken_stream_does_not_take_down_the_others(tiny_scorer, tmp_path, data):
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
-    sources = open_inputs([f"good={SCOREQ_PAIR / 'ref.wav'}", f"bad={broken}"], fast=True)
+    # check=False: the up-front check would refuse it; here it must fail inside the running engine.
+    sources = open_inputs([f"good={SCOREQ_PAIR / 'ref.wav'}", f"bad={broken}"], fast=True, check=False)
     cfg = EngineConfig(stream=StreamConfig(window_s=2.0, hop_s=1.0, model="tiny"), fast=True)
     _, events = await run_engine(tiny_scorer, sources, cfg)
     bad = by_stream(events, "bad")
     assert len(bad) == 1 and isinstance(bad[0], StreamError) and "broken.wav" in bad[0].error
     good = by_stream(events, "good")
     assert isinstance(good[-1], StreamEnded) and good[-1].scored >= 3
+
+
+async def test_a_stream_that_fails_midway_keeps_its_scores_and_the_others_go_on(tiny_scorer, data):
+    class Unplugged(FileSource):
+        """A real file that stops with an error after 3 s, like a device unplugged mid-call."""
+
+        async def frames(self):
+            sent = 0
+            async for block in super().frames():
+                yield block
+                sent += block.shape[0]
+                if sent >= 3 * self.rate:
+                    raise SourceError("device unplugged")
+
+    sources = [Unplugged("a", SCOREQ_PAIR / "ref.wav", fast=True), FileSource("b", SCOREQ_PAIR / "opus.wav", fast=True)]
+    cfg = EngineConfig(stream=StreamConfig(window_s=1.0, hop_s=0.5, model="tiny"), fast=True)
+    _, events = await run_engine(tiny_scorer, sources, cfg)
+    a = by_stream(events, "a")
+    assert any(isinstance(e, StreamError) and "unplugged" in e.error for e in a)
+    assert isinstance(a[-1], StreamEnded) and a[-1].reason == "error" and a[-1].scored >= 3
+    assert isinstance(by_stream(events, "b")[-1], StreamEnded) and by_stream(events, "b")[-1].reason == "eof"
 
 
 async def test_a_scorer_failure_marks_windows_and_keeps_going(tiny_nr, data):
