@@ -59,6 +59,8 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._stop = asyncio.Event()
         self.batches: list[int] = []  # sizes of the runs made, for tests and benchmarks
+        # Called after every model run with (windows in the batch, seconds it took): metrics hook.
+        self.batch_observers: list = []
         self.inference_s = 0.0
 
     def _publish_drained(self, core: StreamCore) -> None:
@@ -157,8 +159,11 @@ class Engine:
             except Exception as e:
                 log.error("scoring a batch of %d windows failed: %s", len(batch), e)
                 values, reason = [None] * len(batch), ERROR
-            self.inference_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.inference_s += took
             self.batches.append(len(batch))
+            for observe in self.batch_observers:
+                observe(len(batch), took)
             touched = {}
             for (core, w), v in zip(batch, values):
                 core.resolve(w, None if v is None else float(v), reason)
