@@ -116,6 +116,10 @@ async def run_monitor(opts: MonitorOptions, sinks: Sequence = (), scorer_bundle=
     engine = Engine(scorer, sources, EngineConfig(stream=config, max_batch=opts.max_batch,
                                                   batch_wait_s=opts.batch_wait_s,
                                                   max_pending=opts.max_pending, fast=opts.fast), bus)
+    for s in sinks:
+        attach = getattr(s, "attach", None)  # sinks that also watch the engine (metrics: batch timings)
+        if attach is not None:
+            attach(engine)
     loop = asyncio.get_running_loop()
     signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
