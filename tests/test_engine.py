@@ -155,3 +155,24 @@ async def test_monitor_timeline_over_a_resampled_stereo_stream_tracks_offline_sc
     assert len(diffs) >= 8 and max(diffs) < 0.02  # streaming vs one-shot resampling only
     live_mean = np.mean([e.mos for e in live if e.mos is not None])
     assert live_mean == pytest.approx(offline.value, abs=0.01)
+
+
+async def test_live_overload_skips_windows_instead_of_growing_latency(bundled_nr, data):
+    """Far more windows than the CPU can score: live inputs skip ('overloaded'), latency stays bounded."""
+    scorer = Scorer(bundled_nr, max_batch=4)
+    files = sorted(MUSHRA.glob("stim_0[1235]/ref.wav"))  # 2.7-3.6 s each, in real time
+    sources = [FileSource(f"s{i}", p) for i, p in enumerate(files)]
+    stream = StreamConfig(window_s=1.0, hop_s=0.05, model="distillmos")  # 20 windows/s per stream
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    _, events = await run_engine(scorer, sources, EngineConfig(stream=stream, max_batch=4, max_pending=8))
+    wall = loop.time() - t0
+    scores = [e for e in events if isinstance(e, ScoreEvent)]
+    overloaded = [e for e in scores if e.reason == "overloaded"]
+    scored = [e for e in scores if e.mos is not None]
+    assert overloaded and scored
+    assert wall < 3.6 + 6.0  # the longest file plus a bounded backlog, not the 10 s of queued work
+    assert max(e.latency_ms for e in scored) < 6000
+    for i in range(len(files)):
+        idx = [e.window for e in scores if e.stream == f"s{i}"]
+        assert idx == list(range(len(idx)))
