@@ -97,15 +97,19 @@ def score_file(path: Path, scorer: Scorer, config: StreamConfig) -> FileResult:
     return res
 
 
+def speech_windows(audio: np.ndarray, config: StreamConfig) -> list[np.ndarray]:
+    """The windows of a signal that the monitor would score (speech-gated), as it would cut them."""
+    core = StreamCore("reference", config)
+    return [w.audio for w in core.feed(audio, 0.0) + core.finish(0.0)]
+
+
 def build_reference(scorer_model, paths: Sequence[str | Path], config: StreamConfig) -> Reference:
     """Embed clean reference speech once, windowed exactly as live audio is."""
     embs = []
     for p in paths:
-        audio = load_audio(p)
-        core = StreamCore("reference", config)
-        windows = core.feed(audio, 0.0) + core.finish(0.0)
+        windows = speech_windows(load_audio(p), config)
         if windows:
-            embs.append(run_windows(scorer_model, [w.audio for w in windows]))
+            embs.append(run_windows(scorer_model, windows))
     if not embs:
         raise ValueError("the reference has no window with enough speech; give clean speech")
     return Reference(np.concatenate(embs), scorer_model.spec.name, [str(p) for p in paths])

@@ -73,3 +73,24 @@ def joined(paths, gap_s: float = 0.3) -> np.ndarray:
     for p in paths:
         parts += [speech_16k(p), gap]
     return np.concatenate(parts)
+
+
+@pytest.fixture(scope="session")
+def scoreq_shaped() -> Path:
+    """Folder with the SCOREQ-shaped models (``scoreq_shaped_{nr,ref}.onnx``), built on demand and cached."""
+    import scoreq_shaped as shaped
+
+    try:
+        return shaped.ensure()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def model_store(tmp_path, monkeypatch) -> Path:
+    """A private model folder and reference folder for one test (never the user's own)."""
+    monkeypatch.setenv("SCOREQ_LIVE_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("SCOREQ_LIVE_REFERENCES_DIR", str(tmp_path / "references"))
+    for var in ("SCOREQ_LIVE_MIRROR", "SCOREQ_LIVE_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path

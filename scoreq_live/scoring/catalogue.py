@@ -1,12 +1,24 @@
-"""Known models, and turning ``--model NAME|PATH`` into a :class:`ModelSpec`."""
+"""Known models, and turning ``--model NAME|PATH`` into a :class:`ModelSpec`.
+
+Three sources make the catalogue: the models bundled with the package,
+SCOREQ's four published models (downloaded on demand into the model store,
+see :mod:`scoreq_live.scoring.store`), and the variants (int8, fp16) made
+from any of them with ``scoreq-live models quantize``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import onnxruntime as ort
 
+from scoreq_live.scoring import store
+from scoreq_live.scoring.download import Progress
 from scoreq_live.scoring.spec import ModelError, ModelSpec, load_spec_file
+from scoreq_live.scoring.store import PublishedFile
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 
@@ -50,9 +62,113 @@ BUNDLED: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "distillmos"
 DEFAULT_REF_MODEL = "distillmos-embedding"
 
+# SCOREQ (Ragano, Skoglund, Hines, NeurIPS 2024): the ONNX exports its `scoreq` package
+# downloads, Zenodo record 15739280. `scoreq --data_domain natural` is the "telephone" file.
+SCOREQ_RECORD = "15739280"
+SCOREQ_LICENCE = "CC BY 4.0 weights (Zenodo 15739280), MIT code"
+SCOREQ_SIZE = 378_000_000
+ENV_OFFLINE = "SCOREQ_LIVE_OFFLINE"
+
+_SCOREQ = {  # name: (domain, mode, file in the record)
+    "scoreq-natural-nr": ("natural", "nr", "adapt_nr_telephone.onnx"),
+    "scoreq-natural-ref": ("natural", "ref", "fixed_nmr_telephone.onnx"),
+    "scoreq-synthetic-nr": ("synthetic", "nr", "adapt_nr_synthetic.onnx"),
+    "scoreq-synthetic-ref": ("synthetic", "ref", "fixed_nmr_synthetic.onnx"),
+}
+_SCOREQ_USE = {
+    "natural": "recorded human speech: codecs, VoIP, telephony, speech enhancement, restoration",
+    "synthetic": "machine-made speech: TTS, voice conversion, generative speech models",
+}
+
+PUBLISHED: dict[str, PublishedFile] = {
+    name: PublishedFile(SCOREQ_RECORD, key, SCOREQ_SIZE) for name, (_, _, key) in _SCOREQ.items()
+}
+
+
+def scoreq_spec(name: str) -> ModelSpec:
+    """The contract of one of SCOREQ's published ONNX files, at its place in the model store.
+
+    ``audio_input`` [batch, samples] float32 at 16 kHz, zero-padded at the
+    end to a multiple of 320 (as scoreq's ``dynamic_pad``); ``mos_output``
+    [batch, 1] MOS (nr) or [batch, 768] L2-normalised embedding (ref).
+    Trained on segments up to 4 s: 4 s windows, 1 s hop, shorter windows
+    scored at their own length.
+    """
+    domain, mode, key = _SCOREQ[name]
+    what = "MOS 1-5, no reference" if mode == "nr" else "768-d embedding; distance to clean speech (lower is better)"
+    return ModelSpec(
+        name=name, file=store.models_dir() / key, kind="mos" if mode == "nr" else "embedding",
+        input_name="audio_input", output_name="mos_output", native_window_s=4.0, pad_multiple=320,
+        hop_s=1.0, licence=SCOREQ_LICENCE, domain=domain,
+        description=f"SCOREQ {domain} {mode} ({key}): {what}; for {_SCOREQ_USE[domain]}",
+        url=PUBLISHED[name].page_url, output_dim=1 if mode == "nr" else 768, l2_normalised=mode == "ref",
+    )
+
+
+def _variants(base: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+    out = {}
+    for path, m in store.installed_variants():
+        original = base.get(m["variant_of"])
+        if original is None or not m.get("name"):
+            continue
+        fid = m.get("fidelity") or {}
+        note = ""
+        if fid:
+            note = (f"; fidelity on {fid.get('windows')} windows: max |delta| {fid.get('max_abs_delta'):.4g} "
+                    f"{fid.get('unit', '')}, Pearson {fid.get('pearson'):.4f}"
+                    + (" (below the bar, forced)" if not fid.get("passed") else ""))
+        out[m["name"]] = replace(original, name=m["name"], file=path, bundled=False, url=None,
+                                 description=f"{m.get('variant')} variant of {original.name} ({m.get('method', '')}){note}")
+    return out
+
 
 def known_models() -> dict[str, ModelSpec]:
-    return dict(BUNDLED)
+    """Every model by name: bundled, SCOREQ's published four, and installed variants of any of them."""
+    models = dict(BUNDLED)
+    models.update({name: scoreq_spec(name) for name in _SCOREQ})
+    models.update(_variants(models))
+    return models
+
+
+def published_file(name: str) -> PublishedFile | None:
+    """Where a catalogue model can be downloaded from, if it can."""
+    return PUBLISHED.get(name)
+
+
+def is_available(spec: ModelSpec) -> bool:
+    """The model's file is usable now: bundled, or installed in the store with its manifest."""
+    if spec.file is None:
+        return False
+    return spec.file.is_file() if spec.bundled else store.is_installed(spec.file)
+
+
+def pull_model(name: str, mirror: str | None = None, progress: Progress | None = None, force: bool = False,
+               retries: int = 3) -> ModelSpec:
+    """Download a catalogue model into the store (see :func:`scoreq_live.scoring.store.pull`)."""
+    spec = known_models().get(name)
+    published = published_file(name)
+    if spec is None or published is None:
+        names = ", ".join(sorted(PUBLISHED))
+        raise ModelError(f"{name!r} is not a downloadable model (those are: {names})")
+    store.pull(spec, published, mirror=mirror, progress=progress, force=force, retries=retries)
+    return spec
+
+
+def import_model(name: str, file: str | Path, md5: str | None = None, mirror: str | None = None,
+                 progress: Progress | None = None) -> ModelSpec:
+    """Register a file fetched elsewhere as a catalogue model, verified as a download would be."""
+    spec = known_models().get(name)
+    published = published_file(name)
+    if spec is None or published is None:
+        names = ", ".join(sorted(PUBLISHED))
+        raise ModelError(f"{name!r} cannot be imported: not one of the published models ({names})")
+    store.import_file(spec, published, Path(file), md5=md5, mirror=mirror, progress=progress)
+    return spec
+
+
+def _offline_message(spec: ModelSpec, published: PublishedFile, why: str) -> str:
+    return (f"model {spec.name!r} is not installed and {why}; fetch {published.page_url} elsewhere and "
+            f"register it with: scoreq-live models import {spec.name} {published.key}")
 
 
 def _infer_kind(path: Path) -> str:
@@ -65,10 +181,13 @@ def _infer_kind(path: Path) -> str:
 
 
 def resolve_model(model: str | None, spec_file: str | None = None, kind: str | None = None,
-                  mode: str | None = None) -> ModelSpec:
+                  mode: str | None = None, download: bool = True, progress: Progress | None = None) -> ModelSpec:
     """Find the spec for ``--model`` (a catalogue name or an ONNX path).
 
-    With no model, the bundled default for the mode is used.  An ONNX path
+    With no model, the bundled default for the mode is used.  A published
+    model that is not installed yet is downloaded first (unless ``download``
+    is false or ``SCOREQ_LIVE_OFFLINE`` is set); when that fails the error
+    says where to fetch the file and how to import it.  An ONNX path
     without a spec file gets its spec from the file itself: input and output
     names, fixed or variable length, and (unless ``kind`` says) ``mos`` when
     the output is ``[batch, 1]``.
@@ -80,8 +199,22 @@ def resolve_model(model: str | None, spec_file: str | None = None, kind: str | N
     catalogue = known_models()
     if model in catalogue and not spec_file:
         spec = catalogue[model]
-        if spec.file is None or not spec.file.is_file():
+        if is_available(spec):
+            return spec
+        published = published_file(model)
+        if published is None:
             raise ModelError(f"model {model!r} is not installed (expected at {spec.file})")
+        if not download or os.environ.get(ENV_OFFLINE):
+            raise ModelError(_offline_message(spec, published, "downloads are switched off"))
+        if progress is None:
+            from scoreq_live.progress import ConsoleProgress
+            progress = ConsoleProgress(f"downloading {model} ({published.key})")
+        try:
+            with progress if hasattr(progress, "__enter__") else contextlib.nullcontext():
+                store.pull(spec, published, progress=progress)
+        except ModelError as e:
+            reason = e.reason if isinstance(e, store.PullError) else str(e)
+            raise ModelError(_offline_message(spec, published, f"could not be downloaded: {reason}")) from e
         return spec
     path = Path(model)
     if spec_file:

@@ -44,6 +44,8 @@ class ModelSpec:
     description: str = ""
     url: str | None = None  # where the file can be downloaded from
     bundled: bool = False
+    output_dim: int | None = None  # D of a [batch, D] output, when the contract fixes it
+    l2_normalised: bool = False  # embeddings have unit Euclidean norm (SCOREQ's ref models)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,6 +54,8 @@ class ModelSpec:
             raise ModelError(f"model {self.name!r}: only 16 kHz models are supported")
         if self.pad_multiple < 1:
             raise ModelError(f"model {self.name!r}: pad_multiple must be >= 1")
+        if self.output_dim is not None and (self.output_dim < 1 or (self.kind == "mos") != (self.output_dim == 1)):
+            raise ModelError(f"model {self.name!r}: output_dim {self.output_dim} does not fit kind {self.kind!r}")
 
     @property
     def mode(self) -> str:
