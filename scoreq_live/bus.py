@@ -8,9 +8,13 @@ subscriber that falls behind loses its oldest events (counted in
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from typing import Callable, Iterable
 
 from scoreq_live.core.events import Event
+
+log = logging.getLogger(__name__)
 
 
 class Subscription:
@@ -61,10 +65,20 @@ class Subscription:
 
 
 class EventBus:
+    """Fans every published event out to all subscriptions, in publish order."""
+
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
         self.closed = False
         self.published = 0
+        # Callables event -> events that follow from it (alert rules): what they return is
+        # published right after the event itself, so every subscriber sees cause before effect.
+        self.derive: list[Callable[[Event], Iterable[Event]]] = []
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """The current subscriptions (their ``name`` and ``dropped`` count feed the metrics)."""
+        return tuple(self._subs)
 
     def subscribe(self, maxsize: int = 10_000, name: str = "") -> Subscription:
         sub = Subscription(self, maxsize, name)
@@ -75,6 +89,17 @@ class EventBus:
         return sub
 
     def publish(self, event: Event) -> None:
+        self._deliver(event)
+        for derive in self.derive:
+            try:
+                follows = list(derive(event))
+            except Exception:  # a broken rule must not stop the event stream
+                log.exception("deriving events from %s failed", event.type)
+                continue
+            for follow in follows:
+                self._deliver(follow)
+
+    def _deliver(self, event: Event) -> None:
         self.published += 1
         for sub in tuple(self._subs):
             sub._put(event)

@@ -4,7 +4,8 @@
     scoreq-live demo      [options]
     scoreq-live score     PATH... [--csv F] [--json F|-]
     scoreq-live devices
-    scoreq-live models list
+    scoreq-live models    list|pull|import|quantize|remove ...
+    scoreq-live reference add|list|show|remove ...
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from scoreq_live import __version__
 
-COMMANDS = ("monitor", "demo", "score", "devices", "models")
+COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference")
 
 def examples_dir() -> Path:
     """Where the example recordings are: installed as package data from the top-level examples/."""
@@ -42,7 +43,8 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-kind", choices=("mos", "embedding"), help="kind of an ONNX file given without a spec")
     g.add_argument("--mode", choices=("nr", "ref"), help="nr: MOS 1-5; ref: distance to --reference (lower is better)")
     g.add_argument("--reference", action="append", default=[], metavar="CLEAN.wav",
-                   help="clean speech for --mode ref (repeatable); embedded once at start")
+                   help="clean speech for --mode ref: a file (embedded once at start) or a stored reference "
+                        "NAME ('reference add'); repeatable")
     g.add_argument("--window", type=float, metavar="S", help="window length in seconds (default: 4 s for "
                                                               "SCOREQ-style models, the model's native window otherwise)")
     g.add_argument("--hop", type=float, metavar="S", help="hop between windows in seconds (default 1)")
@@ -58,6 +60,84 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
                    help="EMA time constant / median span in seconds (default 5)")
 
 
+def _feed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("live feed, panel, metrics and alerts")
+    g.add_argument("--ws", metavar="HOST:PORT", help="serve every event to websocket clients (default "
+                                                    "127.0.0.1:8765; skipped with a notice when that port is busy)")
+    g.add_argument("--no-ws", action="store_true", help="no websocket feed")
+    g.add_argument("--http", metavar="HOST:PORT", help="serve the browser panel, /metrics and the feed at /ws "
+                                                      "(off unless given), e.g. 127.0.0.1:8080")
+    g.add_argument("--token", help="clients must present it ('Authorization: Bearer TOKEN' or ?token=TOKEN); "
+                                   "required to listen beyond loopback (default: $SCOREQ_LIVE_TOKEN)")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to connect besides the panel's own (repeatable; '*': any)")
+    g.add_argument("--max-clients", type=int, default=256, metavar="N", help="websocket clients at once (default 256)")
+    g.add_argument("--history-s", type=float, default=300.0, metavar="S",
+                   help="seconds of each stream's history sent to a new client (default 300)")
+    g.add_argument("--bands", metavar="GOOD,FAIR", help="colour bands for the panel: MOS >= GOOD good, >= FAIR fair "
+                                                        "(default 4,3); in --mode ref distance <= GOOD, <= FAIR")
+    g.add_argument("--alert", action="append", default=[], metavar="RULE",
+                   help="raise an alert event, e.g. 'mos<3.0 for 10s' or 'distance>0.6 for 5s' (repeatable)")
+    g.add_argument("--alert-webhook", metavar="URL", help="POST every alert and cleared event as JSON to URL")
+    g.add_argument("--linger", type=float, metavar="S", help="keep serving the feed S seconds after the inputs "
+                                                             "end (default: until Ctrl-C when --ws or --http is given, else 0)")
+
+
+def _bands(text: str | None, mode: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        good, fair = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--bands {text!r}: expected GOOD,FAIR, e.g. 4,3 (MOS) or 0.3,0.6 (distance)") from None
+    if (good <= fair) if mode == "nr" else (good >= fair):
+        raise ValueError(f"--bands {text}: in mode {mode} " + ("GOOD must be above FAIR (higher MOS is better)"
+                         if mode == "nr" else "GOOD must be below FAIR (lower distance is better)"))
+    return good, fair
+
+
+def _feed_sinks(a, config, notify) -> list:
+    """The websocket / HTTP feed, metrics and webhook the options ask for; ValueError says what is wrong."""
+    import os
+
+    from scoreq_live.core.alerts import check_rule_mode, parse_rule
+    from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
+    from scoreq_live.sinks.metrics import MetricsSink
+    from scoreq_live.sinks.server import DEFAULT_HTTP_PORT, DEFAULT_WS_PORT, TOKEN_ENV, FeedServer, parse_listen
+    from scoreq_live.sinks.webhook import WebhookSink
+
+    for rule in a.alert:
+        check_rule_mode(parse_rule(rule), config.mode)
+    ws = None if a.no_ws else parse_listen(a.ws or f"127.0.0.1:{DEFAULT_WS_PORT}", DEFAULT_WS_PORT)
+    http = parse_listen(a.http, DEFAULT_HTTP_PORT) if a.http else None
+    if ws is not None and http is not None and ws.port == http.port and ws.port != 0:
+        raise ValueError(f"--ws and --http both on port {ws.port}: the HTTP server serves the feed at /ws too, "
+                         "so use --no-ws or another port")
+    sinks: list = []
+    metrics = None
+    if ws is not None or http is not None:
+        bands = default_bands(config.mode, _bands(a.bands, config.mode))
+        hub = FeedHub(FeedInfo(model=config.model, mode=config.mode, window_s=config.window_s,
+                               hop_s=config.hop_s, bands=bands), history_s=a.history_s)
+        if http is not None:
+            from prometheus_client import disable_created_metrics
+
+            disable_created_metrics()  # no `_created` twin for every per-stream counter: half the series
+            metrics = MetricsSink(config.model, config.mode)
+            metrics.watch_feed(hub)
+            sinks.append(metrics)
+        sinks.append(FeedServer(hub, ws, http, ws_required=a.ws is not None,
+                                token=a.token or os.environ.get(TOKEN_ENV), allowed_origins=a.allowed_origin,
+                                max_clients=a.max_clients, metrics=metrics.render if metrics else None,
+                                notify=notify))
+    if a.alert_webhook:
+        hook = WebhookSink(a.alert_webhook)
+        sinks.append(hook)
+        if metrics is not None:
+            metrics.watch_drops("webhook", lambda: hook.dropped)
+    return sinks
+
+
 def _monitor_args(p: argparse.ArgumentParser, inputs_required: bool) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC", required=inputs_required,
                    help="'mic', 'mic:NAME_OR_INDEX' or an audio file; repeat for several streams")
@@ -66,6 +146,7 @@ def _monitor_args(p: argparse.ArgumentParser, inputs_required: bool) -> None:
     p.add_argument("--jsonl", metavar="PATH|-", help="write every event as a JSON line")
     p.add_argument("--no-tui", action="store_true", help="no terminal panel (for services and pipes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no start-up messages")
+    _feed_args(p)
     _scoring_args(p)
 
 
@@ -86,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("devices", help="list sound input devices")
     mo = sub.add_parser("models", help="known models")
     mo_sub = mo.add_subparsers(dest="models_command")
-    mo_sub.add_parser("list", help="list known models")
+    from scoreq_live.cli_models import add_models_commands, add_reference_parser
+
+    add_models_commands(mo_sub)
+    add_reference_parser(sub)
     return p
 
 
@@ -110,7 +194,11 @@ def cmd_monitor(a) -> int:
     from scoreq_live.sinks.status import StatusSink
     from scoreq_live.sinks.terminal import TerminalSink
 
-    opts = _scoring_opts(MonitorOptions, a, inputs=a.input, fast=a.fast, duration=a.duration)
+    explicit_server = a.ws is not None or a.http is not None
+    linger = a.linger if a.linger is not None else (
+        float("inf") if explicit_server and a.duration is None else 0.0)  # keep a dashboard's feed up
+    opts = _scoring_opts(MonitorOptions, a, inputs=a.input, fast=a.fast, duration=a.duration, alerts=a.alert,
+                         linger=linger)
     console = Console(stderr=True)
     try:
         sources = open_sources(opts)  # a missing file or sound card is reported before the model loads
@@ -130,9 +218,19 @@ def cmd_monitor(a) -> int:
             sinks.append(StatusSink())
     else:
         sinks.append(TerminalSink(console, title=f"scoreq-live · {model.describe()}"))
+    from scoreq_live.sinks.server import ServeError
+
+    notify = (lambda line: None) if a.quiet else (lambda line: console.print(line, highlight=False))
+    try:
+        sinks += _feed_sinks(a, config, notify)
+    except (ValueError, ServeError) as e:
+        return _err(str(e))
+    if linger > 0 and explicit_server and not a.quiet:
+        console.print("the feed stays up after the inputs end" + ("" if linger == float("inf") else
+                      f" for {linger:g}s") + " (Ctrl-C to stop)", highlight=False)
     try:
         asyncio.run(run_monitor(opts, sinks, scorer_bundle=bundle, sources=sources))
-    except ConfigError as e:
+    except (ConfigError, ServeError) as e:
         return _err(str(e))
     except KeyboardInterrupt:
         pass
@@ -215,26 +313,15 @@ def cmd_devices(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from scoreq_live.cli_models import cmd_models as run
 
-    from scoreq_live.scoring.catalogue import known_models
+    return run(a)
 
-    t = Table(title="models")
-    for c in ("name", "domain", "mode", "kind", "window", "size", "licence", "installed"):
-        t.add_column(c)
-    notes = []
-    for spec in known_models().values():
-        installed = spec.file is not None and spec.file.is_file()
-        size = f"{spec.file.stat().st_size / 1e6:.0f} MB" if installed else ""
-        t.add_row(spec.name, spec.domain, spec.mode, spec.kind, f"{spec.native_window_s:g}s", size, spec.licence,
-                  ("bundled" if spec.bundled else str(spec.file)) if installed else "no")
-        notes.append(f"[bold]{spec.name}[/]: {spec.description}")
-    c = Console()
-    c.print(t)
-    for n in notes:
-        c.print(n, highlight=False)
-    return 0
+
+def cmd_reference(a) -> int:
+    from scoreq_live.cli_models import cmd_reference as run
+
+    return run(a)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,4 +338,4 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "models" and a.models_command is None:
         a.models_command = "list"
     return {"monitor": cmd_monitor, "demo": cmd_demo, "score": cmd_score,
-            "devices": cmd_devices, "models": cmd_models}[a.command](a)
+            "devices": cmd_devices, "models": cmd_models, "reference": cmd_reference}[a.command](a)

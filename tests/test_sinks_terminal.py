@@ -60,3 +60,21 @@ async def test_terminal_sink_renders_a_live_event_stream():
     await sink.run(sub)
     text = console.export_text()
     assert "alice-uplink" in text and "bob" in text and "stopped delivering audio" in text
+
+
+def test_active_alerts_show_in_one_line_under_the_table_until_cleared():
+    from scoreq_live.core.events import AlertEvent, ClearedEvent
+
+    sink = TerminalSink(Console(record=True, width=80), title="t")
+    common = dict(stream="bob", ts=0, rule="mos<3.0 for 10s", metric="mos", op="<", threshold=3.0, for_s=10.0,
+                  id="bob:mos<3.0 for 10s")
+    for ev in events():
+        sink.state.update(ev)
+    sink.state.update(AlertEvent(value=2.1, t=14.0, **common))
+    sink.console.print(sink.renderable())
+    text = sink.console.export_text()
+    line = next(l for l in text.splitlines() if "alerts" in l)
+    assert "bob mos<3.0 for 10s (at 2.1)" in line and len(line) <= 80
+    sink.state.update(ClearedEvent(value=3.4, t=40.0, **common))
+    sink.console.print(sink.renderable())
+    assert "alerts" not in sink.console.export_text()

@@ -122,6 +122,43 @@ class StreamError(Event):
     error: str = ""
 
 
+@dataclass
+class AlertEvent(Event):
+    """An alert rule's condition has held on a stream for the rule's duration.
+
+    ``value`` is the metric in the window that raised it; ``t`` is stream time
+    (seconds); ``id`` (``"<stream>:<rule>"``) pairs it with its ``cleared``.
+    """
+
+    type: ClassVar[str] = "alert"
+    rule: str = ""  # the rule in canonical form, e.g. "mos<3.0 for 10s"
+    metric: str = ""  # mos | distance | smoothed | speech | level_dbfs | latency_ms
+    op: str = "<"
+    threshold: float = 0.0
+    for_s: float = 0.0
+    value: float | None = None
+    t: float = 0.0
+    id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["value"] = _round(self.value, 5)
+        d["t"] = round(self.t, 4)
+        return d
+
+
+@dataclass
+class ClearedEvent(AlertEvent):
+    """An alert stopped: its metric recovered (with hysteresis), or its stream ended.
+
+    Same fields as :class:`AlertEvent`; ``value`` is the current value and
+    ``reason`` is ``recovered`` or ``stream_ended``.
+    """
+
+    type: ClassVar[str] = "cleared"
+    reason: str = "recovered"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (ScoreEvent, StreamStarted, StreamEnded, StreamError)
+    cls.type: cls for cls in (ScoreEvent, StreamStarted, StreamEnded, StreamError, AlertEvent, ClearedEvent)
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from scoreq_live.bus import Subscription
-from scoreq_live.core.events import StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import AlertEvent, ClearedEvent, StreamEnded, StreamError, StreamStarted
 
 
 class StatusSink:
@@ -19,6 +19,12 @@ class StatusSink:
             elif isinstance(ev, StreamStarted):
                 print(f"scoreq-live: stream {ev.stream}: started ({ev.source} {ev.detail}, {ev.rate} Hz, "
                       f"{ev.channels} ch)", file=self.stream, flush=True)
+            elif isinstance(ev, ClearedEvent):
+                print(f"scoreq-live: stream {ev.stream}: cleared {ev.rule} at {ev.t:.1f}s ({ev.reason})",
+                      file=self.stream, flush=True)
+            elif isinstance(ev, AlertEvent):
+                print(f"scoreq-live: stream {ev.stream}: ALERT {ev.rule} at {ev.t:.1f}s ({ev.metric} {ev.value:.3g})",
+                      file=self.stream, flush=True)
             elif isinstance(ev, StreamEnded):
                 print(f"scoreq-live: stream {ev.stream}: ended ({ev.reason}) after {ev.t:.1f}s, "
                       f"{ev.scored}/{ev.windows} windows scored", file=self.stream, flush=True)

@@ -18,7 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from scoreq_live.bus import Subscription
-from scoreq_live.core.events import Event, ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import (
+    AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted,
+)
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY_S = 60.0
@@ -46,6 +48,7 @@ class PanelState:
 
     def __init__(self) -> None:
         self.rows: dict[str, StreamRow] = {}
+        self.alerts: dict[str, AlertEvent] = {}  # id -> the alert, while raised
 
     def row(self, name: str) -> StreamRow:
         if name not in self.rows:
@@ -53,6 +56,12 @@ class PanelState:
         return self.rows[name]
 
     def update(self, ev: Event) -> None:
+        if isinstance(ev, ClearedEvent):
+            self.alerts.pop(ev.id, None)
+            return
+        if isinstance(ev, AlertEvent):
+            self.alerts[ev.id] = ev
+            return
         r = self.row(ev.stream)
         if isinstance(ev, StreamStarted):
             r.state, r.source, r.mode, r.model = "live", ev.source, ev.mode, ev.model
@@ -149,6 +158,19 @@ def render(state: PanelState, width: int = 80) -> Table:
     return table
 
 
+def render_alerts(state: PanelState) -> Text | None:
+    """One line under the table with every raised alert, or None when there is none."""
+    if not state.alerts:
+        return None
+    line = Text("⚠ alerts: ", style="bold red")
+    for i, a in enumerate(state.alerts.values()):
+        if i:
+            line.append(" · ", style="dim")
+        value = "–" if a.value is None else f"{a.value:.3g}"
+        line.append(f"{a.stream} {a.rule} (at {value})", style="red")
+    return line
+
+
 class TerminalSink:
     """Redraws the panel a few times a second from the event stream."""
 
@@ -161,7 +183,8 @@ class TerminalSink:
     def renderable(self):
         head = Text(self.title, style="bold") if self.title else Text("")
         errors = [Text(f"{r.name}: {r.error}", style="red") for r in self.state.rows.values() if r.error]
-        return Group(head, render(self.state, self.console.width), *errors)
+        alerts = render_alerts(self.state)
+        return Group(head, render(self.state, self.console.width), *([alerts] if alerts else []), *errors)
 
     async def run(self, sub: Subscription) -> None:
         with Live(self.renderable(), console=self.console, refresh_per_second=self.refresh,

@@ -1,0 +1,217 @@
+"""Alert rules: ``mos<3.0 for 10s`` raises an ``alert`` event, recovery a ``cleared`` one.
+
+Pure logic: :class:`AlertEvaluator` reads the ordinary events and returns the
+alert events they cause; stream time comes from the events themselves.
+
+Semantics, per stream and rule, on score events (time = the window's ``t_end``):
+
+* The rule *holds* on a window when ``value OP threshold``.  It raises when it
+  has held from a first window to the current one over at least ``for_s``
+  seconds of stream time, and holds on the current window.
+* Hysteresis: a margin beyond the threshold (``hysteresis`` in the rule, else
+  a per-metric default) forms a dead band.  While waiting to raise, only a
+  window *clearly* past the threshold (beyond the margin) resets the wait; a
+  window in the dead band neither starts nor resets it.  Once raised, the
+  alert clears only after the value has been clearly past the threshold for
+  ``for_s`` seconds again, and a window that holds the condition restarts that
+  wait.  A score hovering at the threshold therefore never flaps.
+* Unscored windows (silence: the metric is ``null``) are no evidence either
+  way: they neither start, reset, raise nor clear.
+* When a stream ends (or fails), its active alerts are cleared with
+  ``reason: "stream_ended"``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from scoreq_live.core.events import AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted
+
+# Metric names a rule may use, and the ScoreEvent attribute each reads.
+METRICS = {
+    "mos": "mos",
+    "distance": "distance",
+    "smoothed": "smoothed",
+    "speech": "speech",
+    "level_dbfs": "level_dbfs",
+    "level": "level_dbfs",
+    "latency_ms": "latency_ms",
+    "latency": "latency_ms",
+}
+# Default dead band, in the metric's unit: a tenth of a MOS point, 3 dB, 5 % speech.
+_ABS_MARGIN = {"mos": 0.1, "speech": 0.05, "level_dbfs": 3.0}
+# Metrics without a natural absolute scale get a margin relative to the threshold.
+_REL_MARGIN = 0.05
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_RULE = re.compile(
+    rf"^\s*(?P<metric>[a-z_]+)\s*(?P<op>[<>])\s*(?P<threshold>{_NUM})"
+    rf"(?:\s+for\s+(?P<for>{_NUM})\s*(?P<unit>ms|s|sec|m|min)?)?"
+    rf"(?:\s+hysteresis\s+(?P<hyst>{_NUM}))?\s*$",
+    re.IGNORECASE,
+)
+_UNIT_S = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0}
+_EPS = 1e-6  # stream times are sums of hops: tolerate float rounding at the boundary
+
+
+class RuleError(ValueError):
+    """A rule that cannot be parsed; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """One parsed rule.  ``text`` is its canonical form, used in events and ids."""
+
+    metric: str
+    op: str
+    threshold: float
+    for_s: float = 0.0
+    hysteresis: float | None = None
+
+    @property
+    def text(self) -> str:
+        s = f"{self.metric}{self.op}{self.threshold!r}"
+        if self.for_s:
+            s += f" for {self.for_s:g}s"
+        if self.hysteresis is not None:
+            s += f" hysteresis {self.hysteresis:g}"
+        return s
+
+    def margin(self, mode: str) -> float:
+        """The dead band beyond the threshold (see the module docstring)."""
+        if self.hysteresis is not None:
+            return self.hysteresis
+        metric = self.metric
+        if metric == "smoothed":
+            metric = "mos" if mode == "nr" else "distance"
+        if metric in _ABS_MARGIN:
+            return _ABS_MARGIN[metric]
+        return abs(self.threshold) * _REL_MARGIN
+
+    def value(self, ev: ScoreEvent) -> float | None:
+        v = getattr(ev, METRICS[self.metric])
+        return None if v is None or not math.isfinite(v) else float(v)
+
+    def holds(self, v: float) -> bool:
+        return v < self.threshold if self.op == "<" else v > self.threshold
+
+    def clearly_not(self, v: float, margin: float) -> bool:
+        """Past the threshold by at least the margin, on the good side."""
+        return v >= self.threshold + margin if self.op == "<" else v <= self.threshold - margin
+
+
+def parse_rule(text: str) -> AlertRule:
+    """Parse ``METRIC OP THRESHOLD [for DURATION] [hysteresis MARGIN]``.
+
+    ``METRIC``: mos, distance, smoothed, speech (0-1), level_dbfs (or level),
+    latency_ms (or latency).  ``OP``: ``<`` or ``>``.  ``DURATION``: seconds,
+    with an optional unit ``ms``, ``s``, ``m``/``min``.
+    """
+    m = _RULE.match(text)
+    if not m:
+        raise RuleError(f"cannot read alert rule {text!r}: expected e.g. 'mos<3.0 for 10s' or "
+                        "'distance>0.6 for 5s' (METRIC OP NUMBER [for DURATION] [hysteresis MARGIN])")
+    name = m["metric"].lower()
+    if name not in METRICS:
+        raise RuleError(f"alert rule {text!r}: unknown metric {name!r}; one of "
+                        + ", ".join(sorted(set(METRICS))))
+    metric = METRICS[name]
+    for_s = float(m["for"]) * _UNIT_S[(m["unit"] or "s").lower()] if m["for"] else 0.0
+    hyst = float(m["hyst"]) if m["hyst"] else None
+    threshold = float(m["threshold"])
+    if not math.isfinite(threshold) or for_s < 0 or not math.isfinite(for_s) or (hyst is not None and hyst < 0):
+        raise RuleError(f"alert rule {text!r}: threshold must be finite, duration and hysteresis >= 0")
+    return AlertRule(metric=metric, op=m["op"], threshold=threshold, for_s=for_s, hysteresis=hyst)
+
+
+def check_rule_mode(rule: AlertRule, mode: str) -> None:
+    """Refuse rules on a score the mode does not produce (``mos`` in ref mode, ``distance`` in nr)."""
+    if rule.metric == "mos" and mode != "nr":
+        raise RuleError(f"alert rule {rule.text!r}: mode {mode} gives distances, not a MOS; use 'distance' "
+                        "or 'smoothed'")
+    if rule.metric == "distance" and mode != "ref":
+        raise RuleError(f"alert rule {rule.text!r}: mode {mode} gives a MOS, not a distance; use 'mos' "
+                        "or 'smoothed'")
+
+
+@dataclass
+class _State:
+    active: bool = False
+    run_start: float | None = None  # stream time the current wait (to raise or to clear) began
+    last_value: float | None = None
+    last_t: float = 0.0
+
+
+class AlertEvaluator:
+    """Turns the event stream into ``alert`` / ``cleared`` events.
+
+    Call :meth:`feed` with every event in order; it returns the alert events
+    that event causes, to be published right after it.
+    """
+
+    def __init__(self, rules: list[AlertRule]) -> None:
+        self.rules = list(rules)
+        self._state: dict[tuple[str, int], _State] = {}
+
+    def active(self) -> list[tuple[str, AlertRule]]:
+        """(stream, rule) of every alert now raised."""
+        return [(s, self.rules[i]) for (s, i), st in self._state.items() if st.active]
+
+    def feed(self, ev: Event) -> list[AlertEvent]:
+        if isinstance(ev, ScoreEvent):
+            return self._score(ev)
+        if isinstance(ev, (StreamEnded, StreamError)):
+            return self._end(ev)
+        if isinstance(ev, StreamStarted):
+            for key in [k for k in self._state if k[0] == ev.stream]:
+                del self._state[key]  # a stream that starts again starts clean
+        return []
+
+    def _make(self, cls, ev: Event, rule: AlertRule, value: float | None, t: float, **extra) -> AlertEvent:
+        return cls(stream=ev.stream, ts=ev.ts, rule=rule.text, metric=rule.metric, op=rule.op,
+                   threshold=rule.threshold, for_s=rule.for_s, value=value, t=t,
+                   id=f"{ev.stream}:{rule.text}", **extra)
+
+    def _score(self, ev: ScoreEvent) -> list[AlertEvent]:
+        out: list[AlertEvent] = []
+        t = ev.t_end
+        for i, rule in enumerate(self.rules):
+            v = rule.value(ev)
+            if v is None:
+                continue  # unscored window: no evidence either way
+            st = self._state.setdefault((ev.stream, i), _State())
+            st.last_value, st.last_t = v, t
+            margin = rule.margin(ev.mode)
+            holds, clear = rule.holds(v), rule.clearly_not(v, margin)
+            if not st.active:
+                if holds:
+                    if st.run_start is None:
+                        st.run_start = t
+                    if t - st.run_start >= rule.for_s - _EPS:
+                        st.active, st.run_start = True, None
+                        out.append(self._make(AlertEvent, ev, rule, v, t))
+                elif clear:
+                    st.run_start = None
+                # else: in the dead band, the wait neither starts nor resets
+            else:
+                if clear:
+                    if st.run_start is None:
+                        st.run_start = t
+                    if t - st.run_start >= rule.for_s - _EPS:
+                        st.active, st.run_start = False, None
+                        out.append(self._make(ClearedEvent, ev, rule, v, t, reason="recovered"))
+                elif holds:
+                    st.run_start = None
+        return out
+
+    def _end(self, ev: Event) -> list[AlertEvent]:
+        out: list[AlertEvent] = []
+        for key in [k for k in self._state if k[0] == ev.stream]:
+            st = self._state.pop(key)
+            if st.active:
+                t = ev.t if isinstance(ev, StreamEnded) else st.last_t
+                out.append(self._make(ClearedEvent, ev, self.rules[key[1]], st.last_value, t,
+                                      reason="stream_ended"))
+        return out

@@ -1,0 +1,171 @@
+"""Prometheus metrics, served at ``/metrics`` by the HTTP server.
+
+Names follow Prometheus' conventions (``scoreq_live_`` prefix, base units,
+``_total`` counters, ``_ratio`` fractions).  Per-stream series are removed
+when their stream ends, so label cardinality stays bounded by the streams
+that are live.  The metrics live in their own registry: embedding
+scoreq-live in another program never mixes them with that program's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from scoreq_live import __version__
+from scoreq_live.bus import Subscription
+from scoreq_live.core.events import (
+    AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted,
+)
+
+# Model runs take ~10 ms (GPU, small batch) to seconds (CPU, large batch).
+INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _Pulled:
+    """Values read at scrape time from the feed and the other consumers (no bookkeeping on the hot path)."""
+
+    def __init__(self) -> None:
+        self.hub = None
+        self.bus = None
+        self.drops: dict[str, Callable[[], int]] = {}
+
+    def collect(self):
+        clients = GaugeMetricFamily("scoreq_live_connected_clients", "Websocket clients connected to the feed")
+        dropped = CounterMetricFamily("scoreq_live_events_dropped", "Events dropped because a consumer fell "
+                                      "behind (websocket: all feed clients together; others: the sink)",
+                                      labels=["consumer"])
+        gone = CounterMetricFamily("scoreq_live_clients_disconnected", "Websocket clients gone, by reason "
+                                   "(closed, stalled)", labels=["reason"])
+        if self.hub is not None:
+            clients.add_metric([], len(self.hub.clients))
+            dropped.add_metric(["websocket"], self.hub.dropped)
+            for reason, n in sorted(self.hub.disconnected.items()):
+                gone.add_metric([reason], n)
+        else:
+            clients.add_metric([], 0)
+        if self.bus is not None:
+            for sub in self.bus.subscriptions:
+                if sub.name:
+                    dropped.add_metric([sub.name], sub.dropped)
+        for name, count in self.drops.items():
+            dropped.add_metric([name], count())
+        return [clients, dropped, gone]
+
+
+class MetricsSink:
+    """Keeps the Prometheus metrics up to date from the event stream; :meth:`render` serves them."""
+
+    def __init__(self, model: str = "", mode: str = "") -> None:
+        self.registry = r = CollectorRegistry()
+        per = ["stream"]
+        self.mos = Gauge("scoreq_live_mos", "MOS (1-5) of the latest scored window (mode nr)", per, registry=r)
+        self.mos_smoothed = Gauge("scoreq_live_mos_smoothed", "Smoothed MOS (mode nr)", per, registry=r)
+        self.distance = Gauge("scoreq_live_distance", "Distance to the reference of the latest scored window "
+                              "(mode ref; lower is better)", per, registry=r)
+        self.distance_smoothed = Gauge("scoreq_live_distance_smoothed", "Smoothed distance (mode ref)", per,
+                                       registry=r)
+        self.speech = Gauge("scoreq_live_speech_ratio", "Fraction (0-1) of the latest window's 30 ms frames "
+                            "with speech", per, registry=r)
+        self.level = Gauge("scoreq_live_level_dbfs", "RMS level of the latest window, dBFS", per, registry=r)
+        self.latency = Gauge("scoreq_live_latency_seconds", "From the latest window's last sample to its event",
+                             per, registry=r)
+        self.windows = Counter("scoreq_live_windows", "Windows by result: scored, or why not (silent, no_speech, "
+                               "overloaded, error, stopped)", ["stream", "result"], registry=r)
+        self.alert_active = Gauge("scoreq_live_alert_active", "1 while an alert is raised on a stream",
+                                  ["stream", "rule"], registry=r)
+        self.alerts = Counter("scoreq_live_alerts", "Alerts raised", ["rule"], registry=r)
+        self.streams = Gauge("scoreq_live_streams", "Streams now live", registry=r)
+        self.inference = Histogram("scoreq_live_inference_seconds", "Duration of one model run (a batch of "
+                                   "windows)", buckets=INFERENCE_BUCKETS, registry=r)
+        self.batch = Histogram("scoreq_live_batch_windows", "Windows per model run", buckets=BATCH_BUCKETS,
+                               registry=r)
+        info = Gauge("scoreq_live_build_info", "Version, model and mode of this monitor (always 1)",
+                     ["version", "model", "mode"], registry=r)
+        info.labels(__version__, model, mode).set(1)
+        self._pulled = _Pulled()
+        r.register(self._pulled)
+        self._live: set[str] = set()
+        self._results: dict[str, set[str]] = {}
+        self._alerts: set[tuple[str, str]] = set()
+
+    # -- sources of numbers ---------------------------------------------------------
+
+    def attach(self, engine) -> None:
+        """Observe the engine's model runs and the bus consumers' drops."""
+        engine.batch_observers.append(self.observe_batch)
+        self._pulled.bus = engine.bus
+
+    def watch_feed(self, hub) -> None:
+        """Report the feed's clients and drops (read at scrape time)."""
+        self._pulled.hub = hub
+
+    def watch_drops(self, consumer: str, count: Callable[[], int]) -> None:
+        """Report another consumer's dropped events as ``scoreq_live_events_dropped_total{consumer}``."""
+        self._pulled.drops[consumer] = count
+
+    def observe_batch(self, windows: int, seconds: float) -> None:
+        self.inference.observe(seconds)
+        self.batch.observe(windows)
+
+    # -- events ---------------------------------------------------------------------
+
+    def update(self, ev: Event) -> None:
+        """Fold one event into the metrics."""
+        s = ev.stream
+        if isinstance(ev, ScoreEvent):
+            result = ev.reason or "scored"
+            self.windows.labels(s, result).inc()
+            self._results.setdefault(s, set()).add(result)
+            value, smoothed = (self.mos, self.mos_smoothed) if ev.mode == "nr" else (self.distance,
+                                                                                   self.distance_smoothed)
+            if ev.value is not None:
+                value.labels(s).set(ev.value)
+            if ev.smoothed is not None:
+                smoothed.labels(s).set(ev.smoothed)
+            self.speech.labels(s).set(ev.speech)
+            self.level.labels(s).set(ev.level_dbfs)
+            self.latency.labels(s).set(ev.latency_ms / 1000.0)
+        elif isinstance(ev, ClearedEvent):
+            self._drop_alert(s, ev.rule)
+        elif isinstance(ev, AlertEvent):
+            self.alert_active.labels(s, ev.rule).set(1)
+            self._alerts.add((s, ev.rule))
+            self.alerts.labels(ev.rule).inc()
+        elif isinstance(ev, StreamStarted):
+            self._live.add(s)
+            self.streams.set(len(self._live))
+        elif isinstance(ev, (StreamEnded, StreamError)):
+            self._live.discard(s)
+            self.streams.set(len(self._live))
+            self._forget(s)
+
+    def _drop_alert(self, stream: str, rule: str) -> None:
+        if (stream, rule) in self._alerts:
+            self._alerts.discard((stream, rule))
+            self.alert_active.remove(stream, rule)
+
+    def _forget(self, stream: str) -> None:
+        """Remove every series of an ended stream (bounded cardinality)."""
+        for g in (self.mos, self.mos_smoothed, self.distance, self.distance_smoothed, self.speech,
+                  self.level, self.latency):
+            try:
+                g.remove(stream)
+            except KeyError:
+                pass
+        for result in self._results.pop(stream, ()):
+            self.windows.remove(stream, result)
+        for st, rule in [a for a in self._alerts if a[0] == stream]:
+            self._drop_alert(st, rule)
+
+    async def run(self, sub: Subscription) -> None:
+        async for ev in sub:
+            self.update(ev)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,428 @@
+"""The feed over real sockets on 127.0.0.1: real websocket clients, real HTTP requests.
+
+Every test starts its own servers on free ports and bounds its waits.
+"""
+
+import asyncio
+import contextlib
+import json
+import socket
+import statistics
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from scoreq_live.bus import EventBus
+from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamStarted
+from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
+from scoreq_live.sinks.metrics import MetricsSink
+from scoreq_live.sinks.server import FeedServer, Listen, ServeError, content_type, parse_listen, static_file
+
+INFO = FeedInfo(model="distillmos", mode="nr", window_s=7.68, hop_s=1.0, bands=default_bands("nr"))
+LOCAL = Listen("127.0.0.1", 0)
+
+
+def started(stream):
+    return StreamStarted(stream=stream, ts=time.time(), source="file", detail=f"{stream}.wav", rate=16000,
+                         channels=1, model="distillmos", window_s=7.68, hop_s=1.0)
+
+
+def score(stream, window, mos=3.5):
+    return ScoreEvent(stream=stream, ts=time.time(), window=window, t_start=float(window), t_end=window + 7.68,
+                      mos=mos, smoothed=mos, speech=0.9, level_dbfs=-25.0, model="distillmos", latency_ms=80.0)
+
+
+@contextlib.asynccontextmanager
+async def feed(hub_kw=None, metrics=None, **kw):
+    """A running FeedServer on free loopback ports fed by its own bus."""
+    hub = FeedHub(INFO, **(hub_kw or {}))
+    kw.setdefault("ws", LOCAL)
+    kw.setdefault("http", LOCAL)
+    srv = FeedServer(hub, metrics=metrics.render if metrics else None, **kw)
+    await srv.start()
+    bus = EventBus()
+    tasks = [asyncio.create_task(srv.run(bus.subscribe(name="FeedServer")))]
+    if metrics is not None:
+        metrics.watch_feed(hub)
+        tasks.append(asyncio.create_task(metrics.run(bus.subscribe(name="MetricsSink"))))
+    try:
+        yield srv, bus
+    finally:
+        bus.close()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        await asyncio.wait_for(srv.close(), 10)
+
+
+def ws_url(srv, path="/ws", http=True):
+    return f"ws://127.0.0.1:{(srv.http_address if http else srv.ws_address).port}{path}"
+
+
+async def http_get(port, path, headers=None, method="GET"):
+    """One raw HTTP/1.1 request (no client-side path normalisation): (status, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+    writer.write((f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
+                  + "\r\n").encode())
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    top, _, body = raw.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    return status, hdrs, body
+
+
+async def read_until_history_end(ws):
+    msgs = []
+    while True:
+        m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        msgs.append(m)
+        if m["type"] == "history_end":
+            return msgs
+
+
+async def refused(url, **kw):
+    with pytest.raises(InvalidStatus) as e:
+        async with connect(url, open_timeout=10, **kw):
+            pass
+    return e.value.response.status_code, e.value.response.body.decode()
+
+
+def small_rcvbuf_socket(port):
+    """A connected socket whose receive buffer is tiny: a client that stops reading stalls at once."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    return s
+
+
+# --- fan-out ----------------------------------------------------------------------------------
+
+
+async def test_hundreds_of_clients_receive_the_same_events_in_order():
+    n_clients, n_events = 300, 60
+    async with feed(max_clients=400) as (srv, bus):
+        bus.publish(started("a"))
+        bus.publish(score("a", 0))
+        clients = []
+        for i in range(0, n_clients, 50):  # in batches: the listen backlog is finite
+            clients += await asyncio.gather(*(connect(ws_url(srv, http=i % 100 == 0), open_timeout=20)
+                                              for _ in range(50)))
+        histories = await asyncio.gather(*(read_until_history_end(ws) for ws in clients))
+        assert all([m["type"] for m in h] == ["hello", "stream_started", "score", "history_end"] for h in histories)
+
+        async def collect(ws):
+            got = []
+            while len(got) < n_events:
+                m = json.loads(await ws.recv())
+                got.append((m["type"], m.get("window")))
+            return got
+
+        readers = [asyncio.create_task(collect(ws)) for ws in clients]
+        t0 = time.perf_counter()
+        for w in range(1, n_events + 1):
+            bus.publish(score("a", w))
+            if w % 10 == 0:
+                await asyncio.sleep(0.005)
+        results = await asyncio.wait_for(asyncio.gather(*readers), 60)
+        took = time.perf_counter() - t0
+        expected = [("score", w) for w in range(1, n_events + 1)]
+        assert all(r == expected for r in results)
+        assert srv.hub.dropped == 0
+        print(f"\n{n_clients} clients x {n_events} events: {n_clients * n_events / took:.0f} frames/s delivered")
+        await asyncio.gather(*(ws.close() for ws in clients))
+
+
+async def test_a_client_that_never_reads_neither_delays_the_others_and_is_cut_off():
+    n_clients, rate, phase = 20, 200.0, 240
+    async with feed(hub_kw=dict(queue_size=50, stall_s=1.5), send_buffer_bytes=8192) as (srv, bus):
+        bus.publish(started("a"))
+        clients = [await connect(ws_url(srv)) for _ in range(n_clients)]
+        for ws in clients:
+            await read_until_history_end(ws)
+        published: dict[int, float] = {}
+        arrivals: list[dict[int, float]] = [{} for _ in clients]
+
+        async def collect(i, ws):
+            async for msg in ws:
+                m = json.loads(msg)
+                assert m["type"] == "score", m  # never a `dropped` notice for a client that keeps up
+                arrivals[i][m["window"]] = time.perf_counter()
+
+        readers = [asyncio.create_task(collect(i, ws)) for i, ws in enumerate(clients)]
+
+        async def publish(first, count):
+            t0 = time.perf_counter()
+            for k in range(count):
+                await asyncio.sleep(max(0.0, t0 + k / rate - time.perf_counter()))
+                published[first + k] = time.perf_counter()
+                bus.publish(score("a", first + k))
+
+        def delays(windows):
+            return sorted(arrivals[i][w] - published[w] for i in range(n_clients) for w in windows)
+
+        await publish(0, phase)  # baseline: nobody stalled
+        stalled = await connect(ws_url(srv), sock=small_rcvbuf_socket(srv.http_address.port), max_queue=1)
+        await asyncio.sleep(0.05)
+        await publish(phase, phase)  # the same load with a client that reads nothing
+        await asyncio.sleep(0.3)
+        base, loaded = delays(range(phase)), delays(range(phase, 2 * phase))
+        assert all(len(a) == 2 * phase for a in arrivals), "every client got every event"
+        p50 = (statistics.median(base), statistics.median(loaded))
+        p95 = (base[int(0.95 * len(base))], loaded[int(0.95 * len(loaded))])
+        print(f"\ndelay to {n_clients} clients, p50/p95 ms: alone {p50[0] * 1e3:.2f}/{p95[0] * 1e3:.2f}, "
+              f"with a stalled client {p50[1] * 1e3:.2f}/{p95[1] * 1e3:.2f}; dropped for it: {srv.hub.dropped}")
+        assert srv.hub.dropped > 0, "the stalled client's queue overflowed (drop-oldest)"
+        assert p95[1] < p95[0] + 0.05 and p50[1] < p50[0] + 0.02
+        # It is cut off once it has taken nothing for stall_s.
+        deadline = time.monotonic() + 10
+        while not srv.hub.disconnected.get("stalled") and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert srv.hub.disconnected["stalled"] == 1 and len(srv.hub.clients) == n_clients
+        stalled.transport.abort()
+        for t in readers:
+            t.cancel()
+        await asyncio.gather(*(ws.close() for ws in clients))
+
+
+async def test_a_client_that_falls_behind_is_told_exactly_how_many_events_it_lost():
+    async with feed(hub_kw=dict(queue_size=20, stall_s=30), send_buffer_bytes=8192) as (srv, bus):
+        bus.publish(started("a"))
+        slow = await connect(ws_url(srv), sock=small_rcvbuf_socket(srv.http_address.port), max_queue=1)
+        await read_until_history_end(slow)
+        total = 2000
+        for w in range(total):
+            bus.publish(score("a", w))
+            if w % 50 == 0:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+        windows, lost = [], 0
+        while len(windows) + lost < total:
+            m = json.loads(await asyncio.wait_for(slow.recv(), 10))
+            if m["type"] == "dropped":
+                lost += m["count"]
+            else:
+                windows.append(m["window"])
+        assert lost > 0 and windows == sorted(windows) and windows[-1] == total - 1
+        assert len(windows) + lost == total and srv.hub.dropped == lost
+        await slow.close()
+
+
+# --- history, subscription ---------------------------------------------------------------------
+
+
+async def test_a_reconnecting_client_gets_hello_and_the_history_again():
+    async with feed() as (srv, bus):
+        bus.publish(started("a"))
+        for w in range(3):
+            bus.publish(score("a", w))
+        async with connect(ws_url(srv, "/", http=False)) as ws:
+            first = await read_until_history_end(ws)
+            bus.publish(score("a", 3))
+            assert json.loads(await ws.recv())["window"] == 3
+        bus.publish(score("a", 4))
+        bus.publish(StreamEnded(stream="a", ts=time.time(), reason="eof", t=12.0, windows=5, scored=5))
+        async with connect(ws_url(srv, "/any/path", http=False)) as ws:
+            again = await read_until_history_end(ws)
+        assert [m["type"] for m in first] == ["hello", "stream_started", "score", "score", "score", "history_end"]
+        assert [m.get("window") for m in again if m["type"] == "score"] == [0, 1, 2, 3, 4]
+        assert again[-2]["type"] == "stream_ended" and again[0]["streams"][0]["state"] == "ended"
+
+
+async def test_subscription_by_query_string_and_by_message():
+    async with feed() as (srv, bus):
+        for s in ("a", "b", "c"):
+            bus.publish(started(s))
+        async with connect(ws_url(srv) + "?streams=b,c") as ws:
+            hello, *history = await read_until_history_end(ws)
+            assert hello["subscribed"] == ["b", "c"] and {m["stream"] for m in history[:-1]} == {"b", "c"}
+            for s in ("a", "b", "c"):
+                bus.publish(score(s, 0))
+            assert [json.loads(await ws.recv())["stream"] for _ in range(2)] == ["b", "c"]
+            await ws.send(json.dumps({"type": "subscribe", "streams": ["a"]}))
+            hello, *history = await read_until_history_end(ws)
+            assert hello["subscribed"] == ["a"] and [m["stream"] for m in history[:-1]] == ["a", "a"]
+            bus.publish(score("c", 1))
+            bus.publish(score("a", 1))
+            m = json.loads(await ws.recv())
+            assert (m["stream"], m["window"]) == ("a", 1)
+            await ws.send("{nonsense")
+            assert json.loads(await ws.recv())["type"] == "error"
+        code, body = await refused(ws_url(srv) + "?streams=" + ",".join(str(i) for i in range(1001)))
+        assert code == 400 and "streams" in body
+
+
+# --- security and limits -----------------------------------------------------------------------
+
+
+async def test_without_the_token_clients_are_refused_with_401():
+    async with feed(token="s3cret") as (srv, bus):
+        for url in (ws_url(srv), ws_url(srv, "/", http=False)):
+            code, body = await refused(url)
+            assert code == 401 and "token" in body
+            code, body = await refused(url + "?token=wrong")
+            assert code == 401 and "wrong token" in body
+            async with connect(url + "?token=s3cret") as ws:
+                assert json.loads(await ws.recv())["type"] == "hello"
+            async with connect(url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+                assert json.loads(await ws.recv())["type"] == "hello"
+        port = srv.http_address.port
+        status, headers, _ = await http_get(port, "/metrics")
+        assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+        assert (await http_get(port, "/metrics", {"Authorization": "Bearer s3cret"}))[0] == 404  # no metrics here
+        # The panel's own files carry no data: they load without a token (the page passes ?token= on).
+        assert (await http_get(port, "/static/nope.js"))[0] == 404
+
+
+def test_listening_beyond_loopback_needs_a_token():
+    hub = FeedHub(INFO)
+    with pytest.raises(ServeError, match="needs a token"):
+        FeedServer(hub, ws=Listen("0.0.0.0", 8765))
+    with pytest.raises(ServeError, match="needs a token"):
+        FeedServer(hub, ws=LOCAL, http=Listen("::", 8080))
+    FeedServer(hub, ws=Listen("0.0.0.0", 8765), token="t")  # not started: nothing listens
+    assert parse_listen("127.0.0.1:9000", 1) == Listen("127.0.0.1", 9000)
+    assert parse_listen("[::1]:9000", 1) == Listen("::1", 9000) and Listen("::1", 1).loopback
+    assert parse_listen(":9000", 1) == parse_listen("9000", 1) == Listen("127.0.0.1", 9000)
+    assert parse_listen("localhost", 8765) == Listen("localhost", 8765) and Listen("localhost", 1).loopback
+    with pytest.raises(ServeError):
+        parse_listen("127.0.0.1:http", 1)
+
+
+async def test_browser_origins_are_checked():
+    async with feed(allowed_origins=["https://noc.example.com"]) as (srv, bus):
+        http_port = srv.http_address.port
+        code, body = await refused(ws_url(srv), origin="http://evil.example")
+        assert code == 403 and "origin" in body
+        code, _ = await refused(ws_url(srv, "/", http=False), origin="http://evil.example")
+        assert code == 403
+        code, _ = await refused(ws_url(srv), origin="null")  # a file:// page
+        assert code == 403
+        ok = [(ws_url(srv), f"http://127.0.0.1:{http_port}"),  # the panel, same origin
+              (ws_url(srv, "/", http=False), f"http://127.0.0.1:{http_port}"),  # the panel, to --ws
+              (ws_url(srv), "https://noc.example.com")]
+        for url, origin in ok:
+            async with connect(url, origin=origin) as ws:
+                assert json.loads(await ws.recv())["type"] == "hello"
+        # A page whose name re-resolves to 127.0.0.1 (DNS rebinding) reads neither the feed nor the metrics.
+        status, _, body = await http_get(http_port, "/metrics", {"Host": f"attacker.example:{http_port}"})
+        assert status == 403 and b"host" in body
+
+
+async def test_client_count_limit_and_message_size_limit():
+    async with feed(max_clients=3, max_message_bytes=1024) as (srv, bus):
+        clients = [await connect(ws_url(srv, http=i % 2 == 0)) for i in range(3)]
+        for ws in clients:
+            await read_until_history_end(ws)
+        code, body = await refused(ws_url(srv))
+        assert code == 503 and "too many clients" in body
+        await clients[0].close()
+        await asyncio.sleep(0.1)
+        async with connect(ws_url(srv)) as ws:  # a place is free again
+            assert json.loads(await ws.recv())["type"] == "hello"
+        big = clients[1]
+        await big.send(json.dumps({"type": "subscribe", "streams": ["x" * 200] * 20}))
+        with pytest.raises(ConnectionClosed) as e:
+            while True:
+                await asyncio.wait_for(big.recv(), 5)
+        assert e.value.rcvd.code == 1009  # message too big
+        await asyncio.sleep(0.1)
+        assert len(srv.hub.clients) == 1  # the others are unaffected
+        bus.publish(started("a"))
+        assert json.loads(await asyncio.wait_for(clients[2].recv(), 5))["type"] == "stream_started"
+        await clients[2].close()
+
+
+# --- HTTP: panel files, metrics -----------------------------------------------------------------
+
+
+@pytest.fixture
+def panel(tmp_path):
+    root = tmp_path / "panel"
+    (root / "vendor").mkdir(parents=True)
+    (root / "index.html").write_text("<!doctype html><title>panel</title>")
+    (root / "panel.js").write_text("console.log('hi')")
+    (root / "panel.css").write_text("body{}")
+    (root / "vendor" / "lib.min.js").write_text("var x")
+    (root / ".secret").write_text("no")
+    (tmp_path / "outside.txt").write_text("no")
+    (root / "link.txt").symlink_to(tmp_path / "outside.txt")
+    return root
+
+
+async def test_http_serves_the_panel_files_safely(panel):
+    async with feed(panel_dir=panel, ws=None) as (srv, bus):
+        port = srv.http_address.port
+        status, h, body = await http_get(port, "/")
+        assert status == 200 and body.startswith(b"<!doctype html>") and h["content-type"].startswith("text/html")
+        assert h["referrer-policy"] == "no-referrer" and h["x-content-type-options"] == "nosniff"
+        assert (await http_get(port, "/?token=x"))[0] == 200
+        for path, ctype in (("/static/panel.js", "text/javascript"), ("/static/panel.css", "text/css"),
+                            ("/static/vendor/lib.min.js", "text/javascript")):
+            status, h, body = await http_get(port, path)
+            assert status == 200 and h["content-type"].startswith(ctype) and int(h["content-length"]) == len(body)
+        status, h, body = await http_get(port, "/static/panel.js", method="HEAD")
+        assert status == 200 and body == b"" and h["content-length"] == "17"
+        for bad in ("/static/../server.py", "/static/%2e%2e/server.py", "/static/vendor/", "/static/vendor",
+                    "/static/", "/static/.secret", "/static/link.txt", "/static//etc/passwd",
+                    "/static/..%2f..%2foutside.txt", "/static/vendor%5c..%5cpanel.js", "/nothing", "/index.htm"):
+            assert (await http_get(port, bad))[0] == 404, bad
+        assert (await http_get(port, "/static/panel.js", method="DELETE"))[0] == 405
+        status, _, body = await http_get(port, "/ws")  # no upgrade
+        assert status == 426
+    assert static_file(panel, "vendor/lib.min.js") == (panel / "vendor" / "lib.min.js").resolve()
+    assert content_type(panel / "x.svg") == "image/svg+xml"
+
+
+async def test_the_default_panel_folder_is_served():
+    async with feed(ws=None) as (srv, bus):
+        status, h, body = await http_get(srv.http_address.port, "/")
+        assert status == 200 and h["content-type"].startswith("text/html") and b"<html" in body.lower()
+
+
+async def test_metrics_parse_with_prometheus_own_parser_and_ended_streams_leave_no_series():
+    metrics = MetricsSink(model="distillmos", mode="nr")
+    async with feed(metrics=metrics) as (srv, bus):
+        port = srv.http_address.port
+        async with connect(ws_url(srv)) as ws:
+            for s in ("a", "b"):
+                bus.publish(started(s))
+            for w in range(3):
+                bus.publish(score("a", w, mos=2.5 + w))
+                bus.publish(score("b", w))
+            bus.publish(ScoreEvent(stream="b", ts=time.time(), window=3, t_end=11.0, mos=None, reason="no_speech",
+                                   speech=0.05, model="distillmos"))
+            metrics.observe_batch(2, 0.08)
+            await asyncio.sleep(0.1)
+
+            async def scrape():
+                status, h, body = await http_get(port, "/metrics")
+                assert status == 200 and h["content-type"].startswith("text/plain")
+                samples = {}
+                for fam in text_string_to_metric_families(body.decode()):
+                    for s in fam.samples:
+                        samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+                return samples
+
+            m = await scrape()
+            assert m[("scoreq_live_mos", (("stream", "a"),))] == 4.5
+            assert m[("scoreq_live_mos_smoothed", (("stream", "b"),))] == 3.5
+            assert m[("scoreq_live_speech_ratio", (("stream", "b"),))] == 0.05
+            assert m[("scoreq_live_level_dbfs", (("stream", "a"),))] == -25.0
+            assert m[("scoreq_live_windows_total", (("result", "scored"), ("stream", "b")))] == 3
+            assert m[("scoreq_live_windows_total", (("result", "no_speech"), ("stream", "b")))] == 1
+            assert m[("scoreq_live_inference_seconds_count", ())] == 1
+            assert m[("scoreq_live_connected_clients", ())] == 1
+            assert m[("scoreq_live_events_dropped_total", (("consumer", "websocket"),))] == 0
+            assert m[("scoreq_live_streams", ())] == 2
+            assert m[("scoreq_live_build_info", (("mode", "nr"), ("model", "distillmos"), ("version", "0.1.0")))] == 1
+            bus.publish(StreamEnded(stream="a", ts=time.time(), reason="eof", t=10.0, windows=3, scored=3))
+            await asyncio.sleep(0.1)
+            m = await scrape()
+            assert not [k for k in m if ("stream", "a") in k[1]], "no series left for the ended stream"
+            assert ("scoreq_live_mos", (("stream", "b"),)) in m and m[("scoreq_live_streams", ())] == 1
