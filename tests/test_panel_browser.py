@@ -1,0 +1,213 @@
+"""The browser panel in a real headless Chromium, against the real monitor.
+
+The monitor scores the two demo recordings in real time with an alert rule
+and serves the panel (``--http``); the page is opened the way a person opens
+it (with ``?token=``) and checked for what that person sees: a card per
+stream with its score in the right colour, charts that fill with points, the
+alert, a live connection.  Then the monitor is stopped and started again on
+the same port, and the page must notice and reconnect by itself; ``?streams=``
+narrows it, and without the token it says so.  A screenshot goes to
+``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from browser import chromium, require_browser
+from conftest import EXAMPLES, ROOT
+
+TOKEN = "panel-test-token"
+RULE = "mos<3.3 for 3s"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Monitor:
+    """``python -m scoreq_live`` on the demo recordings, serving the panel on ``http_port``."""
+
+    def __init__(self, http_port: int, ws_port: int, log: Path) -> None:
+        self.http_port, self.ws_port, self.log = http_port, ws_port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Monitor":
+        cmd = [
+            sys.executable, "-m", "scoreq_live",
+            "--input", f"clean={EXAMPLES / 'clean.wav'}", "--input", f"lyra3={EXAMPLES / 'lyra3.wav'}",
+            "--http", f"127.0.0.1:{self.http_port}", "--ws", f"127.0.0.1:{self.ws_port}",
+            "--token", TOKEN, "--alert", RULE, "--no-tui", "--device", "cpu",
+        ]
+        self._out = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_http()
+        return self
+
+    def _wait_http(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"monitor exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"monitor did not serve the panel within {timeout:.0f} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # as Ctrl-C: the monitor closes its server cleanly
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            self._out.close()
+        self.proc = None
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def monitor(tmp_path):
+    require_browser()  # before the model loads: a skip should cost nothing
+    m = Monitor(free_port(), free_port(), tmp_path / "monitor.log")
+    try:
+        yield m.start()
+    finally:
+        m.stop()
+
+
+def card(page, name: str):
+    return page.locator(f'.card[data-stream="{name}"]')
+
+
+def chart_pixels(page, name: str, rgb: tuple[int, int, int]) -> int:
+    """How many pixels of a card's chart canvas are (nearly) the colour ``rgb``: lines actually drawn."""
+    return page.evaluate(
+        """([name, rgb]) => {
+            const c = document.querySelector(`.card[data-stream="${name}"] .chart canvas`);
+            if (!c || !c.width) return 0;
+            const top = 12;  // below the alert bar drawn along the top of the plot
+            const px = c.getContext("2d").getImageData(0, top, c.width, c.height - top).data;
+            let n = 0;
+            for (let i = 0; i < px.length; i += 4) {
+                if (Math.abs(px[i] - rgb[0]) + Math.abs(px[i + 1] - rgb[1]) + Math.abs(px[i + 2] - rgb[2]) < 40
+                    && px[i + 3] > 200) n++;
+            }
+            return n;
+        }""",
+        [name, list(rgb)],
+    )
+
+
+def test_panel_shows_streams_scores_charts_and_alert_and_reconnects(monitor):
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "panel.png"
+    origin = f"127.0.0.1:{monitor.http_port}"
+    errors: list[str] = []
+    foreign: list[str] = []
+    with chromium(viewport={"width": 1280, "height": 760}) as ctx:
+        page = ctx.new_page()
+        page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+        # Failed connections while the server is down are logged by the browser itself; anything else counts.
+        page.on("console", lambda m: m.type == "error" and not re.search(r"WebSocket|Failed to load resource", m.text)
+                and errors.append(m.text))
+        # Works offline: everything the page loads comes from the monitor itself.
+        page.on("request", lambda r: origin not in r.url and not r.url.startswith("data:") and foreign.append(r.url))
+        page.goto(f"http://{origin}/?token={TOKEN}")
+
+        # The header: connected, model and mode.
+        expect(page.locator("#conn-label")).to_have_text(re.compile(r"^live$"), timeout=30_000)
+        expect(page.locator("#meta-model")).to_have_text("distillmos")
+        expect(page.locator("#meta-mode")).to_contain_text("MOS")
+
+        # One card per stream, in the order given on the command line.
+        expect(page.locator(".card")).to_have_count(2)
+        expect(page.locator(".card .card-name")).to_have_text(["clean", "lyra3"])
+
+        # Scores arrive (first window after 7.68 s of audio) and the charts fill with points.
+        for name in ("clean", "lyra3"):
+            expect(card(page, name).locator(".smoothed-value")).to_have_text(re.compile(r"^\d\.\d\d$"),
+                                                                          timeout=40_000)
+        page.wait_for_function(
+            "[...document.querySelectorAll('.card .chart')].every((c) => +c.dataset.points >= 3)", timeout=30_000)
+        points = int(card(page, "lyra3").locator(".chart").get_attribute("data-points"))
+        page.wait_for_function(
+            f"+document.querySelector('.card[data-stream=\"lyra3\"] .chart').dataset.points > {points}",
+            timeout=15_000)
+
+        # The alert on the Lyra 3.2 kbps stream, in the list and on its card.
+        alert = page.locator("#alert-active .alert-item")
+        expect(alert).to_have_count(1, timeout=30_000)
+        expect(alert).to_contain_text("lyra3")
+        expect(alert).to_contain_text(RULE)
+        expect(card(page, "lyra3")).to_have_attribute("data-alert", "yes")
+        expect(card(page, "lyra3").locator(".card-alert")).to_have_text(RULE)
+        expect(card(page, "clean")).to_have_attribute("data-alert", "no")
+
+        # Colours a person reads at a glance: the codec stream is poor, the clean one is not.
+        expect(card(page, "lyra3")).to_have_attribute("data-band", "poor")
+        expect(card(page, "clean")).to_have_attribute("data-band", re.compile("good|fair"))
+        clean = float(card(page, "clean").locator(".smoothed-value").inner_text())
+        lyra3 = float(card(page, "lyra3").locator(".smoothed-value").inner_text())
+        assert clean > lyra3 + 0.5
+        expect(card(page, "lyra3").locator(".speech-meter .meter-value")).to_have_text(re.compile(r"^\d+ %$"))
+        expect(card(page, "lyra3").locator(".level-meter .meter-value")).to_have_text(re.compile(r"^-\d+ dBFS$"))
+        # A few more seconds of chart for the screenshot (the recordings are 27 s long).
+        page.wait_for_function(
+            "[...document.querySelectorAll('.card .chart')].every((c) => +c.dataset.points >= 12)", timeout=30_000)
+        page.wait_for_timeout(300)  # let the last frame paint
+        assert chart_pixels(page, "lyra3", (0xF8, 0x51, 0x49)) > 50  # the smoothed line, red: poor
+        assert chart_pixels(page, "clean", (0xF8, 0x51, 0x49)) < chart_pixels(page, "lyra3", (0xF8, 0x51, 0x49))
+
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot.relative_to(ROOT)}")
+
+        # The server goes away: the page says so, then reconnects by itself when it is back.
+        monitor.stop()
+        expect(page.locator("body")).to_have_attribute("data-conn", "offline", timeout=15_000)
+        expect(page.locator("#conn-label")).to_contain_text("retry in")
+        monitor.start()
+        page.wait_for_function("window.scoreqPanel.stats.hellos >= 2", timeout=60_000)
+        expect(page.locator("#conn-label")).to_have_text("live", timeout=10_000)
+        expect(page.locator(".card")).to_have_count(2)
+
+        # ?streams= in the page address narrows the panel to those streams.
+        one = ctx.new_page()
+        one.goto(f"http://{origin}/?token={TOKEN}&streams=lyra3")
+        expect(one.locator("#conn-label")).to_have_text("live", timeout=15_000)
+        expect(one.locator(".card .card-name")).to_have_text(["lyra3"])
+        one.close()
+
+        # Without the token the page says what is wrong instead of just spinning.
+        denied = ctx.new_page()
+        denied.goto(f"http://{origin}/")
+        expect(denied.locator("#conn-label")).to_contain_text("token", timeout=15_000)
+        denied.close()
+
+    assert not errors, errors
+    assert not foreign, f"requests beyond the monitor: {foreign}"
