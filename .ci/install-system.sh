@@ -15,6 +15,11 @@ set -euo pipefail
 #   libasound2-plugins - ALSA "pulse" PCM plugin, i.e. the "pulse" device that
 #                        PortAudio lists (pulseaudio depends on it anyway; kept
 #                        explicit because it is what PortAudio actually uses)
+#
+# Browser panel (tests/browser.py, tests/test_panel_browser.py):
+#   chromium           - the real browser Playwright drives, headless (never
+#                        Playwright's own browser downloads)
+#   fonts-dejavu-core  - a font for the page text in screenshots
 # ---------------------------------------------------------------------------
 PACKAGES=(
     # microphone path
@@ -22,6 +27,9 @@ PACKAGES=(
     pulseaudio-utils
     libportaudio2
     libasound2-plugins
+    # browser panel
+    chromium
+    fonts-dejavu-core
 )
 
 missing=()
