@@ -116,18 +116,27 @@ def _models_list(a) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    t = Table(title=f"models (folder: {store.models_dir()})")
-    for c in ("name", "domain", "mode", "kind", "window", "size", "licence", "installed"):
-        t.add_column(c)
+    # Narrow enough for 80 columns: the long fields (licence terms, path, description) go below the table.
+    t = Table(title=f"models (folder: {store.models_dir()})", box=None, header_style="bold", pad_edge=False,
+              padding=(0, 1, 0, 0))
+    t.add_column("name", no_wrap=True)
+    for c in ("domain", "mode", "kind", "window", "size", "licence", "installed"):
+        t.add_column(c, no_wrap=True)
     for r in rows:
-        where = "bundled" if r["bundled"] else (r["path"] if r["installed"] else "no (models pull " + r["name"] + ")"
-                                                if published_file(r["name"]) else "no")
+        where = "bundled" if r["bundled"] else ("yes" if r["installed"] else "no")
+        short_licence = r["licence"].split(" (")[0].split(" weights")[0]
         t.add_row(r["name"], r["domain"], r["mode"], r["kind"], f"{r['window_s']:g}s",
-                  ("~" if r["size_is_estimate"] and r["size"] else "") + _size(r["size"]), r["licence"], where)
+                  ("~" if r["size_is_estimate"] and r["size"] else "") + _size(r["size"]), short_licence, where)
     c = Console()
     c.print(t)
     for r in rows:
+        c.print()
         c.print(f"[bold]{r['name']}[/]: {r['description']}", highlight=False)
+        c.print(f"  licence: {r['licence']}", highlight=False)
+        if r["installed"] and not r["bundled"]:
+            c.print(f"  file: {r['path']}", highlight=False)
+        elif not r["installed"] and published_file(r["name"]):
+            c.print(f"  not installed: scoreq-live models pull {r['name']}", highlight=False)
     return 0
 
 
