@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -117,7 +119,7 @@ def build_reference(scorer_model, paths: Sequence[str | Path], config: StreamCon
 
 def write_csv(results: Sequence[FileResult], path: str) -> None:
     key = "mos" if (results and results[0].mode == "nr") else "distance"
-    with (open(path, "w", newline="") if path != "-" else _stdout()) as f:
+    with (open(path, "w", newline="") if path != "-" else contextlib.nullcontext(sys.stdout)) as f:
         w = csv.writer(f)
         w.writerow(["file", key, "duration_s", "windows", "scored_windows", "error"])
         for r in results:
@@ -132,12 +134,3 @@ def write_json(results: Sequence[FileResult], path: str) -> None:
         print(text)
     else:
         Path(path).write_text(text + "\n")
-
-
-class _stdout:
-    def __enter__(self):
-        import sys
-        return sys.stdout
-
-    def __exit__(self, *a):
-        return False
