@@ -216,7 +216,9 @@ def measure(url: str, seconds: float, viewport=(1920, 1080)) -> dict:
         result = page.evaluate(
             """(ms) => new Promise((done) => {
                 const longTasks = [];
-                const obs = new PerformanceObserver((l) => { for (const e of l.getEntries()) longTasks.push(e.duration); });
+                const obs = new PerformanceObserver((l) => {
+                    for (const e of l.getEntries()) longTasks.push(e.duration);
+                });
                 obs.observe({ type: "longtask" });
                 const s0 = { ...window.scoreqPanel.stats };
                 window.scoreqPanel.stats.renderMsMax = 0;  // the worst frame of this window, not of the history load

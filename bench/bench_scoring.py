@@ -62,7 +62,7 @@ async def engine_run(scorer, streams: int, window_s: float) -> tuple[float, int,
     engine = Engine(scorer, sources, cfg, bus)
     t0 = time.perf_counter()
     await engine.run()
-    return time.perf_counter() - t0, sum(engine.batches), engine.batches
+    return time.perf_counter() - t0, engine.windows_run, list(engine.batches)
 
 
 def main() -> None:

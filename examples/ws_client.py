@@ -67,7 +67,8 @@ def main() -> None:
     try:
         asyncio.run(follow(a.url, a.streams, a.token))
     except InvalidStatus as e:
-        raise SystemExit(f"refused: HTTP {e.response.status_code} {e.response.body.decode(errors='replace').strip()}")
+        body = e.response.body.decode(errors="replace").strip()
+        raise SystemExit(f"refused: HTTP {e.response.status_code} {body}") from None
     except KeyboardInterrupt:
         pass
 

@@ -9,9 +9,10 @@ import soundfile as sf
 import soxr
 
 from scoreq_live.core import SAMPLE_RATE
+from scoreq_live.errors import ScoreqLiveError
 
 
-class AudioError(Exception):
+class AudioError(ScoreqLiveError):
     """An audio file cannot be read."""
 
 

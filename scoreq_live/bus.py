@@ -7,50 +7,24 @@ subscriber that falls behind loses its oldest events (counted in
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from scoreq_live.core.events import Event
+from scoreq_live.queues import AsyncDropOldest
 
 log = logging.getLogger(__name__)
 
 
-class Subscription:
-    def __init__(self, bus: "EventBus", maxsize: int, name: str) -> None:
+class Subscription(AsyncDropOldest[Event]):
+    """One consumer's view of the bus: its own bounded drop-oldest queue of events."""
+
+    def __init__(self, bus: EventBus, maxsize: int, name: str) -> None:
+        super().__init__(maxsize)
         self._bus = bus
-        self._queue: deque[Event] = deque()
-        self._maxsize = maxsize
-        self._wake = asyncio.Event()
-        self._closed = False
         self.name = name
-        self.dropped = 0
 
-    def _put(self, event: Event) -> None:
-        if len(self._queue) >= self._maxsize:
-            self._queue.popleft()
-            self.dropped += 1
-        self._queue.append(event)
-        self._wake.set()
-
-    def _close(self) -> None:
-        self._closed = True
-        self._wake.set()
-
-    async def get(self) -> Event | None:
-        """The next event, or None once the bus is closed and the queue is empty."""
-        while not self._queue:
-            if self._closed:
-                return None
-            self._wake.clear()
-            await self._wake.wait()
-        return self._queue.popleft()
-
-    def get_nowait(self) -> Event | None:
-        return self._queue.popleft() if self._queue else None
-
-    def __aiter__(self):
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Event:
@@ -61,7 +35,7 @@ class Subscription:
 
     def unsubscribe(self) -> None:
         self._bus._subs.discard(self)
-        self._close()
+        self.close()
 
 
 class EventBus:
@@ -83,7 +57,7 @@ class EventBus:
     def subscribe(self, maxsize: int = 10_000, name: str = "") -> Subscription:
         sub = Subscription(self, maxsize, name)
         if self.closed:
-            sub._close()
+            sub.close()
         else:
             self._subs.add(sub)
         return sub
@@ -102,9 +76,9 @@ class EventBus:
     def _deliver(self, event: Event) -> None:
         self.published += 1
         for sub in tuple(self._subs):
-            sub._put(event)
+            sub.put(event)
 
     def close(self) -> None:
         self.closed = True
         for sub in tuple(self._subs):
-            sub._close()
+            sub.close()

@@ -15,8 +15,13 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scoreq_live import __version__
+from scoreq_live.errors import ScoreqLiveError
+
+if TYPE_CHECKING:
+    from scoreq_live.monitor import MonitorOptions, ScoringOptions
 
 COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference")
 
@@ -39,14 +44,16 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--model", help="catalogue name (see 'models list') or an ONNX file (default: distillmos; "
                                     "distillmos-embedding in --mode ref)")
-    g.add_argument("--model-spec", metavar="TOML", help="model contract for an ONNX file (names, kind, window, padding)")
+    g.add_argument("--model-spec", metavar="TOML",
+                   help="model contract for an ONNX file (names, kind, window, padding)")
     g.add_argument("--model-kind", choices=("mos", "embedding"), help="kind of an ONNX file given without a spec")
     g.add_argument("--mode", choices=("nr", "ref"), help="nr: MOS 1-5; ref: distance to --reference (lower is better)")
     g.add_argument("--reference", action="append", default=[], metavar="CLEAN.wav",
                    help="clean speech for --mode ref: a file (embedded once at start) or a stored reference "
                         "NAME ('reference add'); repeatable")
-    g.add_argument("--window", type=float, metavar="S", help="window length in seconds (default: 4 s for "
-                                                              "SCOREQ-style models, the model's native window otherwise)")
+    g.add_argument("--window", type=float, metavar="S",
+                   help="window length in seconds (default: 4 s for SCOREQ-style models, the model's native "
+                        "window otherwise)")
     g.add_argument("--hop", type=float, metavar="S", help="hop between windows in seconds (default 1)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime provider; auto uses CUDA when it loads, else CPU (default auto)")
@@ -79,63 +86,9 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alert", action="append", default=[], metavar="RULE",
                    help="raise an alert event, e.g. 'mos<3.0 for 10s' or 'distance>0.6 for 5s' (repeatable)")
     g.add_argument("--alert-webhook", metavar="URL", help="POST every alert and cleared event as JSON to URL")
-    g.add_argument("--linger", type=float, metavar="S", help="keep serving the feed S seconds after the inputs "
-                                                             "end (default: until Ctrl-C when --ws or --http is given, else 0)")
-
-
-def _bands(text: str | None, mode: str) -> tuple[float, float] | None:
-    if text is None:
-        return None
-    try:
-        good, fair = (float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"--bands {text!r}: expected GOOD,FAIR, e.g. 4,3 (MOS) or 0.3,0.6 (distance)") from None
-    if (good <= fair) if mode == "nr" else (good >= fair):
-        raise ValueError(f"--bands {text}: in mode {mode} " + ("GOOD must be above FAIR (higher MOS is better)"
-                         if mode == "nr" else "GOOD must be below FAIR (lower distance is better)"))
-    return good, fair
-
-
-def _feed_sinks(a, config, notify) -> list:
-    """The websocket / HTTP feed, metrics and webhook the options ask for; ValueError says what is wrong."""
-    import os
-
-    from scoreq_live.core.alerts import check_rule_mode, parse_rule
-    from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
-    from scoreq_live.sinks.metrics import MetricsSink
-    from scoreq_live.sinks.server import DEFAULT_HTTP_PORT, DEFAULT_WS_PORT, TOKEN_ENV, FeedServer, parse_listen
-    from scoreq_live.sinks.webhook import WebhookSink
-
-    for rule in a.alert:
-        check_rule_mode(parse_rule(rule), config.mode)
-    ws = None if a.no_ws else parse_listen(a.ws or f"127.0.0.1:{DEFAULT_WS_PORT}", DEFAULT_WS_PORT)
-    http = parse_listen(a.http, DEFAULT_HTTP_PORT) if a.http else None
-    if ws is not None and http is not None and ws.port == http.port and ws.port != 0:
-        raise ValueError(f"--ws and --http both on port {ws.port}: the HTTP server serves the feed at /ws too, "
-                         "so use --no-ws or another port")
-    sinks: list = []
-    metrics = None
-    if ws is not None or http is not None:
-        bands = default_bands(config.mode, _bands(a.bands, config.mode))
-        hub = FeedHub(FeedInfo(model=config.model, mode=config.mode, window_s=config.window_s,
-                               hop_s=config.hop_s, bands=bands), history_s=a.history_s)
-        if http is not None:
-            from prometheus_client import disable_created_metrics
-
-            disable_created_metrics()  # no `_created` twin for every per-stream counter: half the series
-            metrics = MetricsSink(config.model, config.mode)
-            metrics.watch_feed(hub)
-            sinks.append(metrics)
-        sinks.append(FeedServer(hub, ws, http, ws_required=a.ws is not None,
-                                token=a.token or os.environ.get(TOKEN_ENV), allowed_origins=a.allowed_origin,
-                                max_clients=a.max_clients, metrics=metrics.render if metrics else None,
-                                notify=notify))
-    if a.alert_webhook:
-        hook = WebhookSink(a.alert_webhook)
-        sinks.append(hook)
-        if metrics is not None:
-            metrics.watch_drops("webhook", lambda: hook.dropped)
-    return sinks
+    g.add_argument("--linger", type=float, metavar="S",
+                   help="keep serving the feed S seconds after the inputs end (default: until Ctrl-C when --ws or "
+                        "--http is given, else 0)")
 
 
 def _monitor_args(p: argparse.ArgumentParser, inputs_required: bool) -> None:
@@ -174,11 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _scoring_opts(cls, a, **extra):
-    return cls(model=a.model, model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
-               references=a.reference, window_s=a.window, hop_s=a.hop, device=a.device, threads=a.threads,
-               max_batch=a.max_batch, min_speech=a.min_speech, vad=a.vad, smoothing=a.smoothing,
-               smoothing_s=a.smoothing_s, **extra)
+def scoring_options(a: argparse.Namespace) -> ScoringOptions:
+    """The scoring flags as options."""
+    from scoreq_live.monitor import ScoringOptions
+
+    return ScoringOptions(model=a.model, model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
+                          references=tuple(a.reference), window_s=a.window, hop_s=a.hop, device=a.device,
+                          threads=a.threads, max_batch=a.max_batch, min_speech=a.min_speech, vad=a.vad,
+                          smoothing=a.smoothing, smoothing_s=a.smoothing_s)
+
+
+def monitor_options(a: argparse.Namespace) -> MonitorOptions:
+    """The monitor flags as options: the only thing the command line decides."""
+    import os
+
+    from scoreq_live.monitor import FeedOptions, MonitorOptions
+    from scoreq_live.sinks.server import DEFAULT_WS_PORT, TOKEN_ENV
+
+    feed = None
+    if not a.no_ws or a.http:
+        feed = FeedOptions(ws=None if a.no_ws else (a.ws or f"127.0.0.1:{DEFAULT_WS_PORT}"),
+                           ws_required=a.ws is not None, http=a.http,
+                           token=a.token or os.environ.get(TOKEN_ENV), allowed_origins=tuple(a.allowed_origin),
+                           max_clients=a.max_clients, history_s=a.history_s)
+    return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,
+                          alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
+                          jsonl=a.jsonl, linger=a.linger)
 
 
 def demo_inputs() -> list[str]:
@@ -186,58 +160,46 @@ def demo_inputs() -> list[str]:
     return [f"{f.stem}={f}" for f in files]
 
 
-def cmd_monitor(a) -> int:
+def cmd_monitor(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from scoreq_live.monitor import ConfigError, MonitorOptions, load_scorer, open_sources, run_monitor
-    from scoreq_live.sinks.jsonl import JsonlSink
+    from scoreq_live.monitor import build_monitor
+    from scoreq_live.progress import ConsoleProgress
     from scoreq_live.sinks.status import StatusSink
     from scoreq_live.sinks.terminal import TerminalSink
 
-    explicit_server = a.ws is not None or a.http is not None
-    linger = a.linger if a.linger is not None else (
-        float("inf") if explicit_server and a.duration is None else 0.0)  # keep a dashboard's feed up
-    opts = _scoring_opts(MonitorOptions, a, inputs=a.input, fast=a.fast, duration=a.duration, alerts=a.alert,
-                         linger=linger)
+    opts = monitor_options(a)
     console = Console(stderr=True)
-    try:
-        sources = open_sources(opts)  # a missing file or sound card is reported before the model loads
-        bundle = load_scorer(opts)
-    except ConfigError as e:
-        return _err(str(e))
-    scorer, config, model = bundle
-    if not a.quiet:
-        why = "" if model.device == "cuda" or a.device == "cpu" else " (no usable CUDA provider)"
-        console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {config.mode}, "
-                      f"window {config.window_s:g}s, hop {config.hop_s:g}s", highlight=False)
-    sinks = []
-    if a.jsonl:
-        sinks.append(JsonlSink(a.jsonl))
-    if a.no_tui:
-        if not a.quiet:
-            sinks.append(StatusSink())
-    else:
-        sinks.append(TerminalSink(console, title=f"scoreq-live · {model.describe()}"))
-    from scoreq_live.sinks.server import ServeError
-
     notify = (lambda line: None) if a.quiet else (lambda line: console.print(line, highlight=False))
     try:
-        sinks += _feed_sinks(a, config, notify)
-    except (ValueError, ServeError) as e:
+        with ConsoleProgress("downloading the model", console=console) as progress:
+            monitor = build_monitor(opts, notify=notify, progress=progress)
+    except ScoreqLiveError as e:
         return _err(str(e))
-    if linger > 0 and explicit_server and not a.quiet:
+    model, stream = monitor.scoring.model, monitor.scoring.stream
+    if not a.quiet:
+        why = "" if model.device == "cuda" or a.device == "cpu" else " (no usable CUDA provider)"
+        console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {stream.mode}, "
+                      f"window {stream.window_s:g}s, hop {stream.hop_s:g}s", highlight=False)
+    if a.no_tui:
+        if not a.quiet:
+            monitor.sinks.append(StatusSink())
+    else:
+        monitor.sinks.append(TerminalSink(console, title=f"scoreq-live · {model.describe()}", bands=monitor.bands))
+    linger = opts.linger_s
+    if linger > 0 and opts.feed is not None and opts.feed.explicit and not a.quiet:
         console.print("the feed stays up after the inputs end" + ("" if linger == float("inf") else
                       f" for {linger:g}s") + " (Ctrl-C to stop)", highlight=False)
     try:
-        asyncio.run(run_monitor(opts, sinks, scorer_bundle=bundle, sources=sources))
-    except (ConfigError, ServeError) as e:
+        asyncio.run(monitor.run())
+    except ScoreqLiveError as e:
         return _err(str(e))
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def cmd_demo(a) -> int:
+def cmd_demo(a: argparse.Namespace) -> int:
     if not a.input:
         a.input = demo_inputs()
         if not a.input:
@@ -245,25 +207,25 @@ def cmd_demo(a) -> int:
     return cmd_monitor(a)
 
 
-def cmd_score(a) -> int:
+def cmd_score(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    from scoreq_live.monitor import ConfigError, ScoringOptions, load_scorer
-    from scoreq_live.offline import InputError, expand_paths, score_file, write_csv, write_json
+    from scoreq_live.monitor import load_scorer
+    from scoreq_live.offline import expand_paths, score_file, write_csv, write_json
+    from scoreq_live.progress import ConsoleProgress
 
+    err = Console(stderr=True)
     try:
         files = expand_paths(a.paths)
-    except InputError as e:
+        if not files:
+            return _err("no audio files found")
+        with ConsoleProgress("downloading the model", console=err) as download:
+            loaded = load_scorer(scoring_options(a), progress=download)
+    except ScoreqLiveError as e:
         return _err(str(e))
-    if not files:
-        return _err("no audio files found")
-    try:
-        scorer, config, model = load_scorer(_scoring_opts(ScoringOptions, a))
-    except ConfigError as e:
-        return _err(str(e))
-    err = Console(stderr=True)
+    scorer, config, model = loaded.scorer, loaded.stream, loaded.model
     results = []
     show = not a.no_progress and len(files) > 1 and err.is_terminal
     with Progress(console=err, disable=not show, transient=True) as progress:
@@ -289,16 +251,15 @@ def cmd_score(a) -> int:
     return 1 if all(r.error and r.value is None and not r.windows for r in results) else 0
 
 
-def cmd_devices(a) -> int:
+def cmd_devices(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from scoreq_live.sources import SourceError
     from scoreq_live.sources.device import input_devices
 
     try:
         devices = input_devices()
-    except SourceError as e:
+    except ScoreqLiveError as e:
         return _err(str(e))
     if not devices:
         return _err("no sound input device found; use --input FILE to score a recording instead")
@@ -312,13 +273,13 @@ def cmd_devices(a) -> int:
     return 0
 
 
-def cmd_models(a) -> int:
+def cmd_models(a: argparse.Namespace) -> int:
     from scoreq_live.cli_models import cmd_models as run
 
     return run(a)
 
 
-def cmd_reference(a) -> int:
+def cmd_reference(a: argparse.Namespace) -> int:
     from scoreq_live.cli_models import cmd_reference as run
 
     return run(a)

@@ -11,9 +11,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+Subparsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers returns
 
 
 def _err(msg: str) -> int:
@@ -21,7 +25,7 @@ def _err(msg: str) -> int:
     return 2
 
 
-def add_models_commands(sub) -> None:
+def add_models_commands(sub: Subparsers) -> None:
     """The ``models`` verbs, on the ``models`` sub-parser's subparsers."""
     ls = sub.add_parser("list", help="list known models, whether installed and where")
     ls.add_argument("--json", action="store_true", help="one JSON object per model")
@@ -55,7 +59,7 @@ def add_models_commands(sub) -> None:
     rm.add_argument("name", metavar="NAME")
 
 
-def add_reference_parser(sub) -> None:
+def add_reference_parser(sub: Subparsers) -> None:
     """The ``reference`` command and its verbs, on the top-level subparsers."""
     r = sub.add_parser("reference", help="stored references for --mode ref (clean speech, embedded once)")
     rs = r.add_subparsers(dest="reference_command")
@@ -85,26 +89,29 @@ def _size(n: int | None) -> str:
     return "" if not n else f"{n / 1e6:.0f} MB"
 
 
-def cmd_models(a) -> int:
+def cmd_models(a: argparse.Namespace) -> int:
     """``models`` verbs (``list`` when none is given)."""
     verb = getattr(a, "models_command", None) or "list"
     return {"list": _models_list, "pull": _models_pull, "import": _models_import,
             "quantize": _models_quantize, "remove": _models_remove}[verb](a)
 
 
-def _models_list(a) -> int:
+def _models_list(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from scoreq_live.scoring import store
     from scoreq_live.scoring.catalogue import is_available, known_models, published_file
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in known_models().values():
         installed = is_available(spec)
         manifest = store.read_manifest(spec.file) if spec.file is not None and not spec.bundled else None
         published = published_file(spec.name)
-        size = spec.file.stat().st_size if installed else (published.approx_size if published else None)
+        if installed and spec.file is not None:
+            size: int | None = spec.file.stat().st_size
+        else:
+            size = published.approx_size if published else None
         rows.append({
             "name": spec.name, "domain": spec.domain, "mode": spec.mode, "kind": spec.kind,
             "window_s": spec.default_window_s, "size": size, "size_is_estimate": not installed,
@@ -127,20 +134,20 @@ def _models_list(a) -> int:
         short_licence = r["licence"].split(" (")[0].split(" weights")[0]
         t.add_row(r["name"], r["domain"], r["mode"], r["kind"], f"{r['window_s']:g}s",
                   ("~" if r["size_is_estimate"] and r["size"] else "") + _size(r["size"]), short_licence, where)
-    c = Console()
-    c.print(t)
+    out = Console()
+    out.print(t)
     for r in rows:
-        c.print()
-        c.print(f"[bold]{r['name']}[/]: {r['description']}", highlight=False)
-        c.print(f"  licence: {r['licence']}", highlight=False)
+        out.print()
+        out.print(f"[bold]{r['name']}[/]: {r['description']}", highlight=False)
+        out.print(f"  licence: {r['licence']}", highlight=False)
         if r["installed"] and not r["bundled"]:
-            c.print(f"  file: {r['path']}", highlight=False)
+            out.print(f"  file: {r['path']}", highlight=False)
         elif not r["installed"] and published_file(r["name"]):
-            c.print(f"  not installed: scoreq-live models pull {r['name']}", highlight=False)
+            out.print(f"  not installed: scoreq-live models pull {r['name']}", highlight=False)
     return 0
 
 
-def _models_pull(a) -> int:
+def _models_pull(a: argparse.Namespace) -> int:
     from scoreq_live.progress import ConsoleProgress
     from scoreq_live.scoring.catalogue import PUBLISHED, is_available, known_models, pull_model
     from scoreq_live.scoring.spec import ModelError
@@ -154,16 +161,16 @@ def _models_pull(a) -> int:
             continue
         try:
             with ConsoleProgress(f"{name}") as progress:
-                spec = pull_model(name, mirror=a.mirror, progress=progress, force=a.force)
+                pulled = pull_model(name, mirror=a.mirror, progress=progress, force=a.force)
         except ModelError as e:
             failed += 1
             _err(str(e))
             continue
-        print(f"{name}: installed ({spec.file}), checksum and model contract verified", file=sys.stderr)
+        print(f"{name}: installed ({pulled.file}), checksum and model contract verified", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _models_import(a) -> int:
+def _models_import(a: argparse.Namespace) -> int:
     from scoreq_live.progress import ConsoleProgress
     from scoreq_live.scoring.catalogue import import_model
     from scoreq_live.scoring.spec import ModelError
@@ -177,7 +184,7 @@ def _models_import(a) -> int:
     return 0
 
 
-def _models_remove(a) -> int:
+def _models_remove(a: argparse.Namespace) -> int:
     from scoreq_live.scoring import store
     from scoreq_live.scoring.catalogue import known_models
 
@@ -193,16 +200,17 @@ def _models_remove(a) -> int:
     return 0
 
 
-def _models_quantize(a) -> int:
+def _models_quantize(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from scoreq_live.core.stream import StreamConfig
     from scoreq_live.offline import InputError, expand_paths
+    from scoreq_live.progress import ConsoleProgress
     from scoreq_live.scoring import store
     from scoreq_live.scoring.catalogue import known_models, resolve_model
-    from scoreq_live.scoring.quantize import Bar, FidelityError, quantize
-    from scoreq_live.scoring.spec import ModelError
+    from scoreq_live.scoring.quantize import Bar, FidelityError, Variant, quantize
+    from scoreq_live.scoring.spec import ModelError, ModelSpec
 
     err = Console(stderr=True)
     spec = known_models().get(a.name)
@@ -211,17 +219,19 @@ def _models_quantize(a) -> int:
     if spec.file is not None and (store.read_manifest(spec.file) or {}).get("variant_of"):
         return _err(f"{a.name} is a variant already: quantize the original")
     try:
-        spec = resolve_model(a.name)  # downloads a published model that is not installed yet
+        with ConsoleProgress(f"downloading {a.name}", console=err) as progress:
+            spec = resolve_model(a.name, progress=progress)  # downloads a published model not installed yet
         files = expand_paths(a.data)
+        window_s, hop_s = spec.windowing()
     except (ModelError, InputError) as e:
         return _err(str(e))
-    variant = "int8" if a.int8 else "fp16"
+    variant: Variant = "int8" if a.int8 else "fp16"
     ops = [o.strip() for o in a.ops.split(",") if o.strip()] if a.ops else None
     if ops and variant != "int8":
         return _err("--ops only applies to --int8")
-    config = StreamConfig(window_s=spec.default_window_s, hop_s=min(spec.hop_s, spec.default_window_s),
-                          model=spec.name, mode=spec.mode)
+    config = StreamConfig(window_s=window_s, hop_s=hop_s, model=spec.name, mode=spec.mode)
     bar = Bar.default(spec.kind, a.max_delta, a.min_pearson)
+    vspec: ModelSpec | None
     try:
         vspec, report = quantize(spec, variant, files, config, ops=ops, bar=bar, force=a.force,
                                  max_windows=a.max_windows, threads=a.threads,
@@ -241,7 +251,8 @@ def _models_quantize(a) -> int:
     t.add_row(f"ms per {report['native_window_s']:g} s window", f"{report['ms_per_native_window']['original']:.1f}",
               f"{report['ms_per_native_window']['variant']:.1f}")
     t.add_row("size", f"{report['size_mb']['original']:.0f} MB", f"{report['size_mb']['variant']:.0f} MB")
-    t.add_row(f"max |delta| ({report['unit']})", "", f"{report['max_abs_delta']:.4g} (bar {report['bar']['max_abs_delta']:.4g})")
+    t.add_row(f"max |delta| ({report['unit']})", "",
+              f"{report['max_abs_delta']:.4g} (bar {report['bar']['max_abs_delta']:.4g})")
     t.add_row(f"mean |delta| ({report['unit']})", "", f"{report['mean_abs_delta']:.4g}")
     t.add_row("Pearson", "", f"{report['pearson']:.5f} (bar {report['bar']['min_pearson']})")
     Console(stderr=a.report == "-").print(t)
@@ -259,16 +270,17 @@ def _models_quantize(a) -> int:
 
 # ---------------------------------------------------------------- references
 
-def cmd_reference(a) -> int:
+def cmd_reference(a: argparse.Namespace) -> int:
     """``reference`` verbs (``list`` when none is given)."""
     verb = getattr(a, "reference_command", None) or "list"
     return {"add": _ref_add, "list": _ref_list, "show": _ref_show, "remove": _ref_remove}[verb](a)
 
 
-def _ref_add(a) -> int:
+def _ref_add(a: argparse.Namespace) -> int:
     from scoreq_live.core.stream import StreamConfig
+    from scoreq_live.progress import ConsoleProgress
     from scoreq_live.scoring.catalogue import resolve_model
-    from scoreq_live.scoring.references import ReferenceError, ReferenceStore
+    from scoreq_live.scoring.references import ReferenceStore, StoredReferenceError
     from scoreq_live.scoring.session import OnnxModel
     from scoreq_live.scoring.spec import ModelError
     from scoreq_live.scoring.store import fingerprint
@@ -277,36 +289,35 @@ def _ref_add(a) -> int:
         if not Path(f).is_file():
             return _err(f"no such file: {f}")
     try:
-        spec = resolve_model(a.model)
+        with ConsoleProgress(f"downloading {a.model}") as progress:
+            spec = resolve_model(a.model, progress=progress)
         model = OnnxModel(spec, device=a.device)
+        spec = model.spec
+        window_s, hop_s = spec.windowing(a.window, a.hop)
     except ModelError as e:
         return _err(str(e))
-    spec = model.spec
-    window = a.window if a.window is not None else spec.default_window_s
-    hop = a.hop if a.hop is not None else min(spec.hop_s, window)
-    if not 0 < hop <= window:
-        return _err(f"need 0 < hop <= window (got window {window:g}s, hop {hop:g}s)")
-    config = StreamConfig(window_s=window, hop_s=hop, min_speech=a.min_speech, vad_aggressiveness=a.vad,
+    assert spec.file is not None  # a loaded model has a file
+    config = StreamConfig(window_s=window_s, hop_s=hop_s, min_speech=a.min_speech, vad_aggressiveness=a.vad,
                           model=spec.name, mode="ref")
     try:
         ref = ReferenceStore().add(a.name, a.files, model, config, fingerprint(spec.file), replace=a.force)
-    except ReferenceError as e:
+    except StoredReferenceError as e:
         return _err(str(e))
     print(f"reference {ref.name}: {ref.windows} windows of {len(ref.files)} files embedded with {ref.model} "
           f"({ref.dim}-d); use it with: --mode ref --reference {ref.name}", file=sys.stderr)
     return 0
 
 
-def _ref_list(a) -> int:
+def _ref_list(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from scoreq_live.scoring.references import ReferenceError, ReferenceStore
+    from scoreq_live.scoring.references import ReferenceStore, StoredReferenceError
 
     store = ReferenceStore()
     try:
         refs = store.list()
-    except ReferenceError as e:
+    except StoredReferenceError as e:
         return _err(str(e))
     if getattr(a, "json", False):
         for r in refs:
@@ -322,12 +333,12 @@ def _ref_list(a) -> int:
     return 0
 
 
-def _ref_show(a) -> int:
-    from scoreq_live.scoring.references import ReferenceError, ReferenceStore
+def _ref_show(a: argparse.Namespace) -> int:
+    from scoreq_live.scoring.references import ReferenceStore, StoredReferenceError
 
     try:
         r = ReferenceStore().get(a.name)
-    except ReferenceError as e:
+    except StoredReferenceError as e:
         return _err(str(e))
     if a.json:
         print(json.dumps(r.to_dict(), indent=1))
@@ -340,12 +351,12 @@ def _ref_show(a) -> int:
     return 0
 
 
-def _ref_remove(a) -> int:
-    from scoreq_live.scoring.references import ReferenceError, ReferenceStore
+def _ref_remove(a: argparse.Namespace) -> int:
+    from scoreq_live.scoring.references import ReferenceStore, StoredReferenceError
 
     try:
         ReferenceStore().remove(a.name)
-    except ReferenceError as e:
+    except StoredReferenceError as e:
         return _err(str(e))
     print(f"reference {a.name}: removed", file=sys.stderr)
     return 0

@@ -11,18 +11,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
 
 from scoreq_live.bus import EventBus
-from scoreq_live.core.events import StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import EndReason, InputDropped, SkipReason, StreamEnded, StreamError, StreamStarted
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
 from scoreq_live.sources.base import Source, SourceError
 
 log = logging.getLogger(__name__)
 
-OVERLOADED = "overloaded"
-ERROR = "error"
+OVERLOADED: SkipReason = "overloaded"
+ERROR: SkipReason = "error"
+RECENT_BATCHES = 1024  # run sizes kept for inspection (tests, benchmarks); older ones are only counted
+
+
+class BatchScorer(Protocol):
+    """What the engine needs of a scorer: one number per window, for a batch of windows (blocking)."""
+
+    def score(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+BatchObserver = Callable[[int, float], None]
+"""Called after every model run with (windows in the run, seconds it took)."""
 
 
 @dataclass(frozen=True)
@@ -39,14 +55,19 @@ class EngineConfig:
     fast: bool = False
 
 
-_STOP = object()
+class _Stop:
+    """Queued after the last window: the score loop ends when it reaches it."""
+
+
+_STOP = _Stop()
+_Item = tuple[StreamCore, Window] | _Stop
 
 
 class Engine:
     """Runs sources concurrently and scores their windows in shared batches."""
 
-    def __init__(self, scorer, sources: list[Source], config: EngineConfig, bus: EventBus,
-                 clock=time.monotonic, wall=time.time) -> None:
+    def __init__(self, scorer: BatchScorer, sources: list[Source], config: EngineConfig, bus: EventBus,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.scorer = scorer
         self.sources = sources
         self.config = config
@@ -54,14 +75,14 @@ class Engine:
         self.clock = clock
         self.wall = wall
         self.cores: dict[str, StreamCore] = {}
-        self._queue: asyncio.Queue = asyncio.Queue(maxsize=config.max_pending)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)
         self._resolved = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._stop = asyncio.Event()
-        self.batches: list[int] = []  # sizes of the runs made, for tests and benchmarks
-        # Called after every model run with (windows in the batch, seconds it took): metrics hook.
-        self.batch_observers: list = []
-        self.inference_s = 0.0
+        self.batches: deque[int] = deque(maxlen=RECENT_BATCHES)  # sizes of the latest model runs
+        self.runs = 0  # model runs made
+        self.windows_run = 0  # windows those runs scored (or failed on)
+        self.batch_observers: list[BatchObserver] = []  # the metrics' hook
 
     def _publish_drained(self, core: StreamCore) -> None:
         for ev in core.drain(self.clock(), self.wall()):
@@ -81,12 +102,17 @@ class Engine:
         core = StreamCore(source.name, cfg)
         self.cores[source.name] = core
         started = False
-        end_reason = "eof"
+        end_reason: EndReason = "eof"
+        lost = 0.0  # input dropped before the source got it, reported so far
         try:
             async for chunk in source.chunks():
                 if not started:
                     self._started(source)
                     started = True
+                if source.dropped_s > lost:
+                    self.bus.publish(InputDropped(stream=source.name, ts=self.wall(), t=core.t,
+                                                  dropped_s=source.dropped_s - lost, total_s=source.dropped_s))
+                    lost = source.dropped_s
                 for w in core.feed(chunk, self.clock()):
                     await self._submit(core, w)
                 self._publish_drained(core)
@@ -103,10 +129,7 @@ class Engine:
             self.bus.publish(StreamError(stream=source.name, ts=self.wall(), error=f"{type(e).__name__}: {e}"))
         finally:
             if end_reason == "stopped":
-                # Shutting down: windows still queued will not be scored.
-                for w in list(core._order):
-                    if not w.resolved:
-                        core.resolve(w, None, "stopped")
+                core.abandon("stopped")  # shutting down: windows still queued will not be scored
             else:
                 async with self._resolved:
                     await self._resolved.wait_for(lambda: core.pending == 0)
@@ -124,7 +147,7 @@ class Engine:
             rate=source.rate, channels=source.channels, model=cfg.model, mode=cfg.mode,
             window_s=cfg.window_s, hop_s=cfg.hop_s))
 
-    async def _collect(self, first) -> list:
+    async def _collect(self, first: tuple[StreamCore, Window]) -> list[tuple[StreamCore, Window]]:
         batch = [first]
         deadline = self.clock() + (0 if self.config.fast else self.config.batch_wait_s)
         while len(batch) < self.config.max_batch:
@@ -138,8 +161,8 @@ class Engine:
                     item = await asyncio.wait_for(self._queue.get(), left)
                 except asyncio.TimeoutError:
                     break
-            if item is _STOP:
-                self._queue.put_nowait(_STOP)  # seen again after this batch
+            if isinstance(item, _Stop):
+                self._queue.put_nowait(item)  # seen again after this batch
                 break
             batch.append(item)
         return batch
@@ -148,23 +171,25 @@ class Engine:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
-            if first is _STOP:
+            if isinstance(first, _Stop):
                 return
             batch = await self._collect(first)
             audio = [w.audio for _, w in batch]
             t0 = time.perf_counter()
+            values: Sequence[float | None]
+            reason: SkipReason | None = None
             try:
-                values = await loop.run_in_executor(self._executor, self.scorer.score, audio)
-                reason = None
+                values = list(await loop.run_in_executor(self._executor, self.scorer.score, audio))
             except Exception as e:
                 log.error("scoring a batch of %d windows failed: %s", len(batch), e)
                 values, reason = [None] * len(batch), ERROR
             took = time.perf_counter() - t0
-            self.inference_s += took
             self.batches.append(len(batch))
+            self.runs += 1
+            self.windows_run += len(batch)
             for observe in self.batch_observers:
                 observe(len(batch), took)
-            touched = {}
+            touched: dict[str, StreamCore] = {}
             for (core, w), v in zip(batch, values):
                 core.resolve(w, None if v is None else float(v), reason)
                 touched[core.name] = core
@@ -183,8 +208,9 @@ class Engine:
         pumps = [asyncio.create_task(self._pump(s), name=f"source:{s.name}") for s in self.sources]
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         all_ended = asyncio.gather(*pumps, return_exceptions=True)
+        either: set[asyncio.Future[Any]] = {all_ended, stopper}
         try:
-            await asyncio.wait([all_ended, stopper], timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
             for t in pumps:

@@ -1,4 +1,13 @@
-"""Putting a monitor together: model + reference -> scorer, inputs -> engine, sinks on the bus."""
+"""Putting a monitor together: options in, typed parts out, then run.
+
+As uvicorn splits ``Config`` from ``Server``: :class:`MonitorOptions` holds
+every setting (inputs, model and windows, alerts, feed, outputs) as plain
+data; :func:`build_monitor` checks them and builds the parts (sources,
+scorer, alert rules, feed server, metrics, webhook) into a :class:`Monitor`,
+whose :meth:`Monitor.run` only runs them.  The command line turns flags into
+options and nothing more, so a program embedding scoreq-live builds the same
+monitor the command line does.
+"""
 
 from __future__ import annotations
 
@@ -6,60 +15,130 @@ import asyncio
 import logging
 import math
 import signal
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Literal
 
 from scoreq_live.bus import EventBus
+from scoreq_live.core.alerts import AlertEvaluator, AlertRule, check_rule_mode, parse_rule
+from scoreq_live.core.events import Mode
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.engine import Engine, EngineConfig
-from scoreq_live.scoring.catalogue import resolve_model
-from scoreq_live.scoring.scorer import Scorer
-from scoreq_live.scoring.session import OnnxModel
-from scoreq_live.scoring.spec import ModelError
-from scoreq_live.sources import SourceError, open_inputs
+from scoreq_live.errors import ScoreqLiveError
+from scoreq_live.scoring.scorer import Reference, Scorer
+from scoreq_live.sinks.bands import Bands
+from scoreq_live.sinks.base import Sink
+from scoreq_live.sources import Source, open_inputs
+
+if TYPE_CHECKING:
+    from scoreq_live.scoring.download import Progress
+    from scoreq_live.scoring.references import StoredReference
+    from scoreq_live.scoring.session import OnnxModel
+    from scoreq_live.sinks.metrics import MetricsSink
+    from scoreq_live.sinks.server import FeedServer, Listen
 
 log = logging.getLogger(__name__)
 
+Notify = Callable[[str], None]
+"""Where the monitor's one-line notices go (listening addresses, a busy default port)."""
 
-class ConfigError(Exception):
+
+class ConfigError(ScoreqLiveError):
     """The options do not make a working monitor; the message says why."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoringOptions:
-    model: str | None = None
-    model_spec: str | None = None
-    model_kind: str | None = None
-    mode: str | None = None  # nr | ref; None: what the model does
-    references: Sequence[str] = ()
-    window_s: float | None = None
-    hop_s: float | None = None
-    device: str = "auto"
+    """The model, its mode and reference, and how audio is windowed, gated and smoothed."""
+
+    model: str | None = None  # catalogue name or ONNX path; None: the bundled default for the mode
+    model_spec: str | None = None  # TOML contract for an ONNX file
+    model_kind: Literal["mos", "embedding"] | None = None
+    mode: Mode | None = None  # None: what the model does
+    references: Sequence[str] = ()  # clean speech files or stored reference names (mode ref)
+    window_s: float | None = None  # None: the model's default window
+    hop_s: float | None = None  # None: the model's hop, at most the window
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
     max_batch: int = 16
     min_speech: float = 0.2
     vad: int = 2
-    smoothing: str = "ema"
+    smoothing: Literal["ema", "median"] = "ema"
     smoothing_s: float = 5.0
 
 
-@dataclass
-class MonitorOptions(ScoringOptions):
-    inputs: Sequence[str] = ()
-    fast: bool = False
-    duration: float | None = None
+@dataclass(frozen=True)
+class FeedOptions:
+    """The live feed: websockets, and HTTP with the browser panel, ``/metrics`` and ``/ws``.
+
+    ``ws_required``: False for the default websocket address, which is skipped
+    with a notice when its port is busy; an address the user gave must work.
+    ``token``: clients must present it; required beyond loopback.
+    """
+
+    ws: str | None = None  # HOST:PORT; None: no websocket server of its own
+    ws_required: bool = True
+    http: str | None = None  # HOST:PORT; None: no panel, no /metrics
+    token: str | None = None  # the CLI fills it from --token or $SCOREQ_LIVE_TOKEN
+    allowed_origins: Sequence[str] = ()
+    max_clients: int = 256
+    history_s: float = 300.0
+
+    @property
+    def explicit(self) -> bool:
+        """The user asked for a feed (so it keeps serving after file inputs end)."""
+        return self.ws_required and self.ws is not None or self.http is not None
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """Everything a monitor is: inputs, scoring, alerts, feed and outputs."""
+
+    inputs: Sequence[str] = ()  # --input specs: 'mic', 'mic:NAME', a file, each optionally NAME=...
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    fast: bool = False  # play files as fast as scoring allows
+    duration: float | None = None  # stop after this many seconds
+    alerts: Sequence[str] = ()  # rules such as "mos<3.0 for 10s" (scoreq_live.core.alerts)
+    alert_webhook: str | None = None  # POST alerts here
+    feed: FeedOptions | None = None  # None: no network feed
+    bands: str | None = None  # GOOD,FAIR colour bands for the panels; None: the mode's defaults
+    jsonl: str | None = None  # write every event here ('-': stdout)
+    # Seconds to keep serving the feed after the inputs end; None: until stopped when the feed
+    # was asked for explicitly (a dashboard may still be looking) and no duration was given, else 0.
+    linger: float | None = None
     batch_wait_s: float = 0.01
     max_pending: int = 256
-    alerts: Sequence[str] = ()  # rules such as "mos<3.0 for 10s" (scoreq_live.core.alerts)
-    linger: float = 0.0  # seconds to keep serving sinks (the feed) after the inputs end; inf: until stopped
+
+    @property
+    def linger_s(self) -> float:
+        if self.linger is not None:
+            return self.linger
+        return math.inf if self.feed is not None and self.feed.explicit and self.duration is None else 0.0
 
 
-def load_scorer(opts: ScoringOptions) -> tuple[Scorer, StreamConfig, OnnxModel]:
-    """The model session, its reference (ref mode) and the stream settings that go with them."""
-    # Imported here so that 'scoreq-live devices' does not pay for the reference machinery.
-    from scoreq_live.offline import build_reference
-    from scoreq_live.scoring.references import ReferenceError, combine
+@dataclass
+class LoadedScorer:
+    """A model session ready to score, with the stream settings that go with it."""
+
+    scorer: Scorer
+    stream: StreamConfig
+    model: OnnxModel
+
+    @property
+    def mode(self) -> Mode:
+        return self.stream.mode
+
+
+def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> LoadedScorer:
+    """The model session, its reference (mode ref) and the stream settings that go with them.
+
+    ``progress``: called with (bytes done, total) while a published model is downloaded on first use.
+    """
+    # Imported here so that 'scoreq-live devices' does not pay for onnxruntime and the reference machinery.
+    from scoreq_live.scoring.catalogue import resolve_model
+    from scoreq_live.scoring.references import build_reference, combine
+    from scoreq_live.scoring.session import OnnxModel
     from scoreq_live.scoring.store import fingerprint
 
     mode = opts.mode
@@ -72,10 +151,7 @@ def load_scorer(opts: ScoringOptions) -> tuple[Scorer, StreamConfig, OnnxModel]:
             raise ConfigError(f"the stored references were made with different models ({', '.join(made_with)}); "
                               "give --model")
         model_name = made_with[0]
-    try:
-        spec = resolve_model(model_name, opts.model_spec, opts.model_kind, mode)
-    except ModelError as e:
-        raise ConfigError(str(e)) from e
+    spec = resolve_model(model_name, opts.model_spec, opts.model_kind, mode, progress=progress)
     if mode is None:
         mode = spec.mode
     if mode != spec.mode:
@@ -85,47 +161,37 @@ def load_scorer(opts: ScoringOptions) -> tuple[Scorer, StreamConfig, OnnxModel]:
         raise ConfigError("--mode ref needs --reference CLEAN.wav (clean speech to compare against)")
     if mode == "nr" and opts.references:
         raise ConfigError("--reference is only used with --mode ref")
-    try:
-        model = OnnxModel(spec, device=opts.device, threads=opts.threads)
-    except ModelError as e:
-        raise ConfigError(str(e)) from e
+    model = OnnxModel(spec, device=opts.device, threads=opts.threads)
     spec = model.spec
-    window_s = opts.window_s if opts.window_s is not None else spec.default_window_s
-    hop_s = opts.hop_s if opts.hop_s is not None else min(spec.hop_s, window_s)
-    if spec.input_samples and window_s * spec.sample_rate > spec.input_samples + 0.5:
-        raise ConfigError(f"--window {window_s:g}s is longer than {spec.name}'s fixed input "
-                          f"({spec.input_samples / spec.sample_rate:g}s)")
-    if hop_s <= 0 or window_s <= 0 or hop_s > window_s:
-        raise ConfigError(f"need 0 < hop <= window (got window {window_s:g}s, hop {hop_s:g}s)")
+    window_s, hop_s = spec.windowing(opts.window_s, opts.hop_s)
     config = StreamConfig(window_s=window_s, hop_s=hop_s, min_speech=opts.min_speech,
                           vad_aggressiveness=opts.vad, smoothing=opts.smoothing,
                           smoothing_s=opts.smoothing_s, model=spec.name, mode=mode)
     reference = None
     if mode == "ref":
-        parts = []
+        parts: list[Reference] = []
         for r in stored:
-            try:
-                r.check_model(spec.name, fingerprint(spec.file), model.output_dim)
-                parts.append(r.to_reference())
-            except ReferenceError as e:
-                raise ConfigError(str(e)) from e
+            assert spec.file is not None  # a loaded model has a file
+            r.check_model(spec.name, fingerprint(spec.file), model.output_dim)
+            parts.append(r.to_reference())
             if (r.window_s, r.hop_s) != (config.window_s, config.hop_s):
                 log.warning("reference %r was windowed at %gs/%gs, the monitor uses %gs/%gs",
                             r.name, r.window_s, r.hop_s, config.window_s, config.hop_s)
         if files:
             try:
                 parts.append(build_reference(model, files, config))
-            except Exception as e:
+            except ScoreqLiveError as e:
                 raise ConfigError(f"cannot build the reference: {e}") from e
         reference = combine(parts, spec.name)
-    return Scorer(model, reference, opts.max_batch), config, model
+    return LoadedScorer(Scorer(model, reference, opts.max_batch), config, model)
 
 
-def _split_references(refs: Sequence[str]):
+def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredReference]]:
     """``--reference`` values: audio files (an existing path wins) and stored references by name."""
-    from scoreq_live.scoring.references import ReferenceError, ReferenceStore
+    from scoreq_live.scoring.references import ReferenceStore
 
-    files, stored = [], []
+    files: list[str] = []
+    stored: list[StoredReference] = []
     store = None
     for r in refs:
         if Path(r).is_file():
@@ -134,94 +200,174 @@ def _split_references(refs: Sequence[str]):
         store = store or ReferenceStore()
         if not store.exists(r):
             raise ConfigError(f"--reference {r}: no such file or stored reference (see 'scoreq-live reference list')")
-        try:
-            stored.append(store.get(r))
-        except ReferenceError as e:
-            raise ConfigError(str(e)) from e
+        stored.append(store.get(r))
     return files, stored
 
 
-def open_sources(opts: MonitorOptions):
+def open_sources(opts: MonitorOptions) -> list[Source]:
+    """Every input, each opened once to check it (a typo or a missing sound card is reported now)."""
     if not opts.inputs:
         raise ConfigError("no --input given")
-    try:
-        return open_inputs(list(opts.inputs), fast=opts.fast)
-    except SourceError as e:
-        raise ConfigError(str(e)) from e
+    return open_inputs(list(opts.inputs), fast=opts.fast)
 
 
-async def run_monitor(opts: MonitorOptions, sinks: Sequence = (), scorer_bundle=None, sources=None) -> Engine:
-    """Run the monitor until its inputs end (or ``duration``); every sink reads the same bus.
+def parse_alerts(rules: Sequence[str]) -> list[AlertRule]:
+    """The ``--alert`` rules, parsed once (before the model loads, so a typo costs nothing)."""
+    return [parse_rule(r) for r in rules]
 
-    Sinks may have ``start()`` (awaited before any stream starts: a server binds its port, and
-    its failure stops the monitor up front) and ``close()`` (awaited at the end, after ``linger``).
+
+@dataclass
+class Monitor:
+    """The parts of one monitor, built by :func:`build_monitor`; :meth:`run` runs them.
+
+    ``sinks`` are every output, in start order; a caller may append its own
+    (a terminal panel) before :meth:`run`.  ``feed`` and ``metrics`` are
+    also among the sinks when the options ask for them.
     """
-    sources = sources if sources is not None else open_sources(opts)
-    scorer, config, _ = scorer_bundle or load_scorer(opts)
-    bus = EventBus()
-    if opts.alerts:
-        from scoreq_live.core.alerts import AlertEvaluator, RuleError, check_rule_mode, parse_rule
 
+    options: MonitorOptions
+    sources: list[Source]
+    scoring: LoadedScorer
+    rules: list[AlertRule]
+    bands: Bands
+    sinks: list[Sink] = field(default_factory=list)
+    feed: FeedServer | None = None
+    metrics: MetricsSink | None = None
+    engine: Engine | None = None  # once running
+
+    async def run(self) -> Engine:
+        """Run until the inputs end (or ``duration``, or SIGINT/SIGTERM), then keep serving for the linger."""
+        opts = self.options
+        bus = EventBus()
+        if self.rules:
+            bus.derive.append(AlertEvaluator(self.rules).feed)  # alert events follow the score that caused them
+        started: list[Sink] = []
         try:
-            rules = [parse_rule(r) for r in opts.alerts]
-            for rule in rules:
-                check_rule_mode(rule, config.mode)
-        except RuleError as e:
-            raise ConfigError(str(e)) from e
-        bus.derive.append(AlertEvaluator(rules).feed)  # alert events follow the score that caused them
-    started = []
-    try:
-        for s in sinks:
-            if hasattr(s, "start"):
+            for s in self.sinks:
                 await s.start()
-            started.append(s)
-    except BaseException:
-        await _close_sinks(started)
-        raise
-    sink_tasks = [asyncio.create_task(s.run(bus.subscribe(name=type(s).__name__))) for s in sinks]
-    engine = Engine(scorer, sources, EngineConfig(stream=config, max_batch=opts.max_batch,
-                                                  batch_wait_s=opts.batch_wait_s,
-                                                  max_pending=opts.max_pending, fast=opts.fast), bus)
+                started.append(s)
+        except BaseException:
+            await _close_sinks(started)
+            raise
+        sink_tasks = [asyncio.create_task(s.run(bus.subscribe(name=type(s).__name__))) for s in self.sinks]
+        engine = self.engine = Engine(
+            self.scoring.scorer, self.sources,
+            EngineConfig(stream=self.scoring.stream, max_batch=opts.scoring.max_batch,
+                         batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast), bus)
+        for s in self.sinks:
+            s.attach(engine)
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+
+        def stop() -> None:
+            stopped.set()  # also ends a linger
+            engine.stop()
+
+        signals = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:  # a service is stopped with SIGTERM, a person presses Ctrl-C: both end streams cleanly
+                loop.add_signal_handler(sig, stop)
+                signals.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or no signals here
+        linger = opts.linger_s
+        try:
+            await engine.run(duration=opts.duration)
+            if linger > 0 and not stopped.is_set():
+                # Inputs ended, but dashboards may still be looking: keep serving history and stream states.
+                try:
+                    await asyncio.wait_for(stopped.wait(), None if math.isinf(linger) else linger)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            bus.close()
+            await _close_sinks(self.sinks)
+            await asyncio.gather(*sink_tasks, return_exceptions=True)
+        return engine
+
+
+def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: Notify | None = None,
+                  progress: Progress | None = None, sources: list[Source] | None = None,
+                  scoring: LoadedScorer | None = None) -> Monitor:
+    """Check the options and build every part; a :class:`ScoreqLiveError` says what is wrong.
+
+    Everything that needs no model is checked first (inputs, alert rules,
+    addresses, the webhook URL), so a typo is reported before a model loads
+    or downloads.  ``sinks`` are outputs of the caller's own, started after
+    the feed.  ``sources`` and ``scoring`` reuse parts already built (tests
+    that score many runs with one session).
+    """
+    from scoreq_live.sinks.jsonl import JsonlSink
+    from scoreq_live.sinks.webhook import WebhookSink, check_url
+
+    sources = sources if sources is not None else open_sources(opts)
+    rules = parse_alerts(opts.alerts)
+    listen = _feed_addresses(opts.feed) if opts.feed is not None else None
+    if opts.alert_webhook:
+        check_url(opts.alert_webhook)
+    scoring = scoring or load_scorer(opts.scoring, progress=progress)
+    mode = scoring.mode
+    for rule in rules:
+        check_rule_mode(rule, mode)
+    bands = Bands.parse(opts.bands, mode)
+    monitor = Monitor(opts, sources, scoring, rules, bands)
+    if opts.jsonl:
+        monitor.sinks.append(JsonlSink(opts.jsonl))
+    if opts.feed is not None and listen is not None:
+        _add_feed(monitor, opts.feed, *listen, notify)
+    if opts.alert_webhook:
+        hook = WebhookSink(opts.alert_webhook)
+        monitor.sinks.append(hook)
+        if monitor.metrics is not None:
+            monitor.metrics.watch_drops("webhook", lambda: hook.dropped)
+    monitor.sinks += sinks
+    return monitor
+
+
+def _feed_addresses(feed: FeedOptions) -> tuple[Listen | None, Listen | None]:
+    from scoreq_live.sinks.server import DEFAULT_HTTP_PORT, DEFAULT_WS_PORT, parse_listen
+
+    ws = parse_listen(feed.ws, DEFAULT_WS_PORT) if feed.ws is not None else None
+    http = parse_listen(feed.http, DEFAULT_HTTP_PORT) if feed.http is not None else None
+    if ws is not None and http is not None and ws.port == http.port and ws.port != 0:
+        raise ConfigError(f"--ws and --http both on port {ws.port}: the HTTP server serves the feed at /ws too, "
+                          "so use --no-ws or another port")
+    return ws, http
+
+
+def _add_feed(monitor: Monitor, feed: FeedOptions, ws: Listen | None, http: Listen | None,
+              notify: Notify | None) -> None:
+    from scoreq_live.sinks.feed import FeedHub, FeedInfo
+    from scoreq_live.sinks.metrics import MetricsSink
+    from scoreq_live.sinks.server import FeedServer
+
+    if ws is None and http is None:
+        return
+    stream = monitor.scoring.stream
+    hub = FeedHub(FeedInfo(model=stream.model, mode=stream.mode, window_s=stream.window_s, hop_s=stream.hop_s,
+                           bands=monitor.bands.to_dict()), history_s=feed.history_s)
+    if http is not None:
+        monitor.metrics = MetricsSink(stream.model, stream.mode)
+        monitor.metrics.watch_feed(hub)
+        monitor.sinks.append(monitor.metrics)
+    monitor.feed = FeedServer(hub, ws, http, ws_required=feed.ws_required,
+                              token=feed.token, allowed_origins=feed.allowed_origins,
+                              max_clients=feed.max_clients,
+                              metrics=monitor.metrics.render if monitor.metrics else None, notify=notify)
+    monitor.sinks.append(monitor.feed)
+
+
+async def run_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, scoring: LoadedScorer | None = None,
+                      sources: list[Source] | None = None) -> Engine:
+    """Build the monitor the options describe and run it (see :func:`build_monitor`)."""
+    return await build_monitor(opts, sinks, scoring=scoring, sources=sources).run()
+
+
+async def _close_sinks(sinks: Sequence[Sink]) -> None:
     for s in sinks:
-        attach = getattr(s, "attach", None)  # sinks that also watch the engine (metrics: batch timings)
-        if attach is not None:
-            attach(engine)
-    loop = asyncio.get_running_loop()
-    stopped = asyncio.Event()
-
-    def stop() -> None:
-        stopped.set()  # also ends a linger
-        engine.stop()
-
-    signals = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:  # a service is stopped with SIGTERM, a person presses Ctrl-C: both end streams cleanly
-            loop.add_signal_handler(sig, stop)
-            signals.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread, or no signals here
-    try:
-        await engine.run(duration=opts.duration)
-        if opts.linger > 0 and not stopped.is_set():
-            # Inputs ended, but dashboards may still be looking: keep serving history and stream states.
-            try:
-                await asyncio.wait_for(stopped.wait(), None if math.isinf(opts.linger) else opts.linger)
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        bus.close()
-        await _close_sinks(sinks)
-        await asyncio.gather(*sink_tasks, return_exceptions=True)
-    return engine
-
-
-async def _close_sinks(sinks: Sequence) -> None:
-    for s in sinks:
-        close = getattr(s, "close", None)
-        if close is not None:
-            try:
-                await close()
-            except Exception:  # one sink failing to close must not keep the others open
-                log.exception("closing %s failed", type(s).__name__)
+        try:
+            await s.close()
+        except Exception:  # one sink failing to close must not keep the others open
+            log.exception("closing %s failed", type(s).__name__)

@@ -6,22 +6,25 @@ import contextlib
 import csv
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from scoreq_live.audio import AudioError, load_audio
+from scoreq_live.core.events import Mode, ScoreEvent
 from scoreq_live.core.stream import StreamConfig, StreamCore
-from scoreq_live.scoring.scorer import Reference, Scorer, run_windows
+from scoreq_live.errors import ScoreqLiveError
+from scoreq_live.scoring.scorer import Scorer
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 
 
-class InputError(Exception):
-    pass
+class InputError(ScoreqLiveError):
+    """A path given to 'score' does not exist."""
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -49,26 +52,26 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 @dataclass
 class FileResult:
     file: str
-    mode: str
+    mode: Mode
     value: float | None = None
-    windows: list[dict] = field(default_factory=list)
+    windows: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0
     error: str | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         key = "mos" if self.mode == "nr" else "distance"
-        d = {"file": self.file, key: None if self.value is None else round(self.value, 5),
+        d: dict[str, Any] = {"file": self.file, key: None if self.value is None else round(self.value, 5),
              "duration_s": round(self.duration_s, 3), "windows": self.windows}
         if self.error:
             d["error"] = self.error
         return d
 
 
-def window_results(audio: np.ndarray, scorer: Scorer, config: StreamConfig, name: str = "file"):
+def window_results(audio: np.ndarray, scorer: Scorer, config: StreamConfig, name: str = "file") -> list[ScoreEvent]:
     """Score a whole signal as the monitor would see it; return its score events."""
     core = StreamCore(name, config)
     windows = core.feed(audio, 0.0) + core.finish(0.0)
-    values = scorer.score([w.audio for w in windows]) if windows else []
+    values = scorer.score([w.audio for w in windows])
     for w, v in zip(windows, values):
         core.resolve(w, float(v))
     return core.drain(0.0, 0.0)
@@ -85,7 +88,7 @@ def score_file(path: Path, scorer: Scorer, config: StreamConfig) -> FileResult:
     res.duration_s = audio.size / 16000
     events = window_results(audio, scorer, config, path.stem)
     key = "mos" if scorer.mode == "nr" else "distance"
-    scored = []
+    scored: list[float] = []
     for ev in events:
         v = ev.value
         res.windows.append({"t_start": round(ev.t_start, 4), "t_end": round(ev.t_end, 4),
@@ -97,24 +100,6 @@ def score_file(path: Path, scorer: Scorer, config: StreamConfig) -> FileResult:
     if not scored:
         res.error = "no window with enough speech to score"
     return res
-
-
-def speech_windows(audio: np.ndarray, config: StreamConfig) -> list[np.ndarray]:
-    """The windows of a signal that the monitor would score (speech-gated), as it would cut them."""
-    core = StreamCore("reference", config)
-    return [w.audio for w in core.feed(audio, 0.0) + core.finish(0.0)]
-
-
-def build_reference(scorer_model, paths: Sequence[str | Path], config: StreamConfig) -> Reference:
-    """Embed clean reference speech once, windowed exactly as live audio is."""
-    embs = []
-    for p in paths:
-        windows = speech_windows(load_audio(p), config)
-        if windows:
-            embs.append(run_windows(scorer_model, windows))
-    if not embs:
-        raise ValueError("the reference has no window with enough speech; give clean speech")
-    return Reference(np.concatenate(embs), scorer_model.spec.name, [str(p) for p in paths])
 
 
 def write_csv(results: Sequence[FileResult], path: str) -> None:

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.helpers import unavailable
+
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 
 FLAGS = [
@@ -55,13 +57,9 @@ def browser_available() -> tuple[bool, str]:
 
 def require_browser() -> None:
     """Skip the calling test without a browser; fail instead on CI, where one is installed."""
-    import pytest
-
     ok, reason = browser_available()
     if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {reason}")
-        pytest.skip(reason)
+        unavailable(reason)
 
 
 @contextlib.contextmanager

@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import build  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-MUSHRA = DATA / "mushra" / "audio"
-SCOREQ_PAIR = DATA / "scoreq"
-EXAMPLES = ROOT / "examples"
-
-
-def pytest_collection_modifyitems(config, items):
-    if not DATA.is_dir():
-        skip = pytest.mark.skip(reason=f"speech data not found beside the project ({DATA})")
-        for item in items:
-            if "data" in item.fixturenames:
-                item.add_marker(skip)
+from tests.helpers import require_data
+from tests.pulse import pulse_server  # noqa: F401  (the PulseAudio fixture, for every test module)
+from tests.tiny_models import build
 
 
 @pytest.fixture(scope="session")
 def data() -> Path:
-    return DATA
+    """The speech data folder; tests that read it request this (skips locally without it, fails on CI)."""
+    return require_data()
 
 
 @pytest.fixture(scope="session")
@@ -61,25 +46,10 @@ def bundled_embedding():
     return OnnxModel(resolve_model("distillmos-embedding"), device="cpu")
 
 
-def speech_16k(path: Path) -> np.ndarray:
-    from scoreq_live.audio import load_audio
-
-    return load_audio(path)
-
-
-def joined(paths, gap_s: float = 0.3) -> np.ndarray:
-    """Several short files joined into one long stream with short pauses."""
-    gap = np.zeros(int(gap_s * 16000), np.float32)
-    parts = []
-    for p in paths:
-        parts += [speech_16k(p), gap]
-    return np.concatenate(parts)
-
-
 @pytest.fixture(scope="session")
 def scoreq_shaped() -> Path:
     """Folder with the SCOREQ-shaped models (``scoreq_shaped_{nr,ref}.onnx``), built on demand and cached."""
-    import scoreq_shaped as shaped
+    from tests import scoreq_shaped as shaped
 
     try:
         return shaped.ensure()
@@ -97,3 +67,19 @@ def model_store(tmp_path, monkeypatch) -> Path:
     for var in ("SCOREQ_LIVE_MIRROR", "SCOREQ_LIVE_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def panel(tmp_path):
+    """A panel folder with the files the server may send and the ones it must not (dotfile, escaping link)."""
+    root = tmp_path / "panel"
+    (root / "vendor").mkdir(parents=True)
+    (root / "index.html").write_text("<!doctype html><title>panel</title>")
+    (root / "panel.js").write_text("console.log('hi')")
+    (root / "panel.css").write_text("body{}")
+    (root / "vendor" / "lib.min.js").write_text("var x")
+    (root / ".secret").write_text("no")
+    (tmp_path / "outside.txt").write_text("no")
+    (root / "link.txt").symlink_to(tmp_path / "outside.txt")
+    (root / "inside.js").symlink_to(root / "panel.js")
+    return root

@@ -13,9 +13,7 @@ device is opened and enumerates devices when PortAudio initialises, i.e. at
 ``env=server.client_env()``, or call ``server.apply_env()`` *before* the first
 ``import sounddevice`` in this process.
 
-Typical use::
-
-    from pulse import pulse_server          # pytest fixture
+Typical use (``tests/conftest.py`` makes the ``pulse_server`` fixture available)::
 
     def test_mic(pulse_server, tmp_path):
         app = subprocess.Popen([...], env=pulse_server.client_env())
@@ -99,7 +97,7 @@ class PulseServer:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> "PulseServer":
+    def start(self) -> PulseServer:
         """Start the daemon and wait until the sink and default source exist."""
         ok, reason = pulse_available()
         if not ok:
@@ -226,7 +224,7 @@ class PulseServer:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
 
-    def __enter__(self) -> "PulseServer":
+    def __enter__(self) -> PulseServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -307,9 +305,9 @@ else:
 
     @_pytest.fixture
     def pulse_server():
-        """A running ``PulseServer(rate=16000, channels=1)``; skips if PulseAudio is missing.
+        """A running ``PulseServer(rate=16000, channels=1)``; skips if PulseAudio is missing (fails on CI).
 
-        Import it into a test module (``from pulse import pulse_server``) or a conftest.py.
+        Imported into ``tests/conftest.py``, so every test module can request it.
         """
         require_pulse()
         with PulseServer() as srv:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import MUSHRA, joined
-from scoreq_live.monitor import MonitorOptions, load_scorer, run_monitor
+from scoreq_live.monitor import MonitorOptions, ScoringOptions, load_scorer, run_monitor
 from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
 from scoreq_live.sinks.jsonl import JsonlSink
 from scoreq_live.sinks.server import FeedServer, Listen
 from scoreq_live.sinks.webhook import WebhookSink
+from tests.helpers import MUSHRA, joined
 
 CLEAN = [MUSHRA / f"stim_0{i}" / "ref.wav" for i in (1, 2, 5, 6, 7, 8)]  # Distill-MOS 3.9-4.4
 CODED = [MUSHRA / f"stim_0{i}" / "lyra_32.wav" for i in (2, 3, 4, 6, 8, 2, 3)]  # Lyra 3.2 kbps: 2.3-3.0
@@ -73,13 +73,14 @@ def webhook():
 async def test_alert_raised_and_cleared_when_speech_turns_heavily_coded_and_back(clean_coded_clean, webhook,
                                                                                   tmp_path):
     path, coded_from, coded_to = clean_coded_clean
-    opts = MonitorOptions(inputs=[f"call={path}"], fast=True, device="cpu", alerts=["mos<3.0 for 5s"])
-    bundle = load_scorer(opts)
-    _, config, _ = bundle
+    opts = MonitorOptions(inputs=[f"call={path}"], fast=True, scoring=ScoringOptions(device="cpu"),
+                          alerts=["mos<3.0 for 5s"])
+    loaded = load_scorer(opts.scoring)
+    config = loaded.stream
     hub = FeedHub(FeedInfo(config.model, config.mode, config.window_s, config.hop_s, default_bands("nr")))
     hook = WebhookSink(webhook.url, backoff_s=0.05)
     sinks = [JsonlSink(tmp_path / "ev.jsonl"), FeedServer(hub, ws=Listen("127.0.0.1", 0)), hook]
-    await run_monitor(opts, sinks, scorer_bundle=bundle)
+    await run_monitor(opts, sinks, scoring=loaded)
 
     events = [json.loads(line) for line in (tmp_path / "ev.jsonl").read_text().splitlines()]
     alerts = [e for e in events if e["type"] in ("alert", "cleared")]

@@ -19,10 +19,10 @@ import pytest
 import soundfile
 import soxr
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data"
-BUNDLED = REPO_ROOT / "scoreq_live" / "bundled"
-RECORD = REPO_ROOT / "models" / "fidelity" / "distillmos.json"
+from tests.helpers import ROOT
+
+BUNDLED = ROOT / "scoreq_live" / "bundled"
+RECORD = ROOT / "models" / "fidelity" / "distillmos.json"
 
 SAMPLE_RATE = 16000
 WINDOW = 122880  # 7.68 s, Distill-MOS' fixed input length
@@ -35,12 +35,6 @@ MOS_TOLERANCE = 0.005
 # kernels. A real fault (wrong rate, window or weights) moves the embedding
 # by O(0.1-1): its values spread with a standard deviation of about 0.7.
 EMBEDDING_TOLERANCE = 2e-3
-
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(),
-    reason=f"shared data folder not found at {DATA} (expected beside the repository)",
-)
-
 
 def load_window(path: Path) -> np.ndarray:
     """Mono float32 16 kHz, zero-padded at the end to one window (the export's preprocessing)."""
@@ -72,8 +66,8 @@ def record() -> dict:
 
 
 @pytest.fixture(scope="module")
-def windows(record) -> np.ndarray:
-    return np.stack([load_window(DATA / f["path"]) for f in record["files"]])
+def windows(record, data) -> np.ndarray:
+    return np.stack([load_window(data / f["path"]) for f in record["files"]])
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +75,8 @@ def mos_session() -> ort.InferenceSession:
     return session("distillmos.onnx")
 
 
-@needs_data
-def test_record_covers_the_data(record):
-    on_disk = sorted(p.relative_to(DATA).as_posix() for p in DATA.rglob("*.wav"))
+def test_record_covers_the_data(record, data):
+    on_disk = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.wav"))
     assert sorted(f["path"] for f in record["files"]) == on_disk
 
 
@@ -100,7 +93,6 @@ def test_io_signature(mos_session):
     assert (out.name, out.shape) == ("embedding", ["batch", 200])
 
 
-@needs_data
 def test_mos_matches_pytorch(record, windows, mos_session):
     mos = run_batched(mos_session, windows)
     assert mos.shape == (len(windows), 1)
@@ -109,7 +101,6 @@ def test_mos_matches_pytorch(record, windows, mos_session):
     assert diffs[worst] <= MOS_TOLERANCE, f"{worst}: |ONNX - PyTorch| = {diffs[worst]:.4g}"
 
 
-@needs_data
 def test_embedding_matches_pytorch(record, windows):
     emb = run_batched(session("distillmos-embedding.onnx"), windows)
     expected = np.array([f["embedding_torch"] for f in record["files"]], dtype=np.float32)

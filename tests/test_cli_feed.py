@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 
 def run(*args, timeout=300):

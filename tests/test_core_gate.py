@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from conftest import SCOREQ_PAIR, speech_16k
 from scoreq_live.core.gate import FRAME, SpeechDetector, level_dbfs
+from tests.helpers import SCOREQ_PAIR, speech_16k
 
 
 def test_level_of_a_full_scale_sine_is_minus_3_dbfs():

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SCOREQ_PAIR, speech_16k
 from scoreq_live.core.events import SCHEMA_VERSION
 from scoreq_live.core.gate import NO_SPEECH, SILENT
 from scoreq_live.core.stream import StreamConfig, StreamCore
+from tests.helpers import SCOREQ_PAIR, speech_16k
 
 CFG = StreamConfig(window_s=2.0, hop_s=1.0, model="m", mode="nr", smoothing_s=0.0)
 
@@ -66,3 +66,28 @@ def test_score_event_json_has_the_documented_fields():
     assert set(d) == {"v", "type", "stream", "ts", "window", "t_start", "t_end", "mode", "distance",
                       "smoothed", "speech", "level_dbfs", "model", "latency_ms", "reason"}
     assert d["distance"] == 0.25 and "mos" not in d and d["t_end"] == 1.0
+
+
+def test_abandoned_windows_leave_in_order_unscored_with_the_reason():
+    core = StreamCore("s", StreamConfig(window_s=1.0, hop_s=1.0, min_speech=0.0, silence_dbfs=-200,
+                                        smoothing_s=0.0))
+    due = core.feed(np.full(16000 * 3, 0.1, np.float32), 0.0)
+    assert [w.index for w in due] == [0, 1, 2] and core.pending == 3
+    core.resolve(due[1], 3.5)
+    assert core.abandon("stopped") == 2  # windows 0 and 2; window 1 came back in time
+    assert core.pending == 0 and core.abandon("stopped") == 0
+    events = core.drain(0.0, 0.0)
+    assert [(e.window, e.mos, e.reason) for e in events] == [(0, None, "stopped"), (1, 3.5, None),
+                                                             (2, None, "stopped")]
+    assert core.scored == 1
+
+
+def test_speech_windows_are_the_windows_the_monitor_would_score(data):
+    from scoreq_live.core.stream import speech_windows
+
+    speech = speech_16k(SCOREQ_PAIR / "ref.wav")[:16000 * 3]
+    x = np.concatenate([speech, np.zeros(16000 * 3, np.float32)])
+    windows = speech_windows(x, CFG)
+    due = StreamCore("s", CFG).feed(x, 0.0)
+    assert len(windows) == len(due) == 3  # the silent windows at the end are gated out
+    assert all(np.array_equal(a, w.audio) for a, w in zip(windows, due))

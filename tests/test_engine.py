@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import MUSHRA, SCOREQ_PAIR, joined
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamError, StreamStarted
 from scoreq_live.core.stream import StreamConfig
@@ -15,12 +14,16 @@ from scoreq_live.scoring.catalogue import resolve_model
 from scoreq_live.scoring.scorer import Scorer
 from scoreq_live.scoring.session import OnnxModel
 from scoreq_live.sources import FileSource, SourceError, open_inputs
+from tests.helpers import MUSHRA, SCOREQ_PAIR, joined
 
 
-async def run_engine(scorer, sources, config):
+async def run_engine(scorer, sources, config, runs=None):
+    """Run an engine to the end; its events, and with ``runs`` a list of (windows, seconds) per model run."""
     bus = EventBus()
     sub = bus.subscribe()
     engine = Engine(scorer, sources, config, bus)
+    if runs is not None:
+        engine.batch_observers.append(lambda n, took: runs.append((n, took)))
     await engine.run()
     events = []
     async for ev in sub:
@@ -119,7 +122,9 @@ async def test_fast_and_real_time_give_the_same_events(bundled_nr, data):
     stream = StreamConfig(window_s=4.0, hop_s=1.0, model="distillmos")
     path = SCOREQ_PAIR / "opus.wav"
     _, fast = await run_engine(scorer, [FileSource("x", path, fast=True)], EngineConfig(stream=stream, fast=True))
-    _, live = await run_engine(scorer, [FileSource("x", path, fast=False)], EngineConfig(stream=stream))
+    runs = []
+    live_cfg = EngineConfig(stream=stream)
+    _, live = await run_engine(scorer, [FileSource("x", path, fast=False)], live_cfg, runs=runs)
 
     def key(evs):
         return [(e.window, e.t_start, e.t_end, e.reason, e.speech, e.level_dbfs)
@@ -129,8 +134,12 @@ async def test_fast_and_real_time_give_the_same_events(bundled_nr, data):
     f = [e.mos for e in fast if isinstance(e, ScoreEvent)]
     r = [e.mos for e in live if isinstance(e, ScoreEvent)]
     np.testing.assert_allclose(f, r, atol=1e-5)
-    lat = [e.latency_ms for e in live if isinstance(e, ScoreEvent)]
-    assert max(lat) < 2000  # real time: scored within a fraction of the hop on this machine
+    # Real time: each window is scored as soon as it is due, so its latency is the batch wait and its own
+    # model run, behind at most the run still going for the window before.  Measured against this
+    # machine's own run times (with half as much again for scheduling), not against a number of seconds.
+    lat = [e.latency_ms / 1000 for e in live if isinstance(e, ScoreEvent)]
+    run_s = max(took for _, took in runs) + live_cfg.batch_wait_s
+    assert max(lat) < 1.5 * 2 * run_s, (lat, runs)
 
 
 async def test_real_time_file_takes_real_time(tiny_scorer, data):
@@ -150,7 +159,8 @@ async def test_monitor_timeline_over_a_resampled_stereo_stream_tracks_offline_sc
                                  EngineConfig(stream=stream, max_batch=8, fast=True))
     live = [e for e in events if isinstance(e, ScoreEvent)]
     offline = score_file(long_24k_stereo, scorer, stream)
-    assert [(round(e.t_start, 4), round(e.t_end, 4)) for e in live] == [(w["t_start"], w["t_end"]) for w in offline.windows]
+    assert ([(round(e.t_start, 4), round(e.t_end, 4)) for e in live]
+            == [(w["t_start"], w["t_end"]) for w in offline.windows])
     diffs = [abs(e.mos - w["mos"]) for e, w in zip(live, offline.windows) if e.mos is not None]
     assert len(diffs) >= 8 and max(diffs) < 0.02  # streaming vs one-shot resampling only
     live_mean = np.mean([e.mos for e in live if e.mos is not None])
@@ -163,16 +173,24 @@ async def test_live_overload_skips_windows_instead_of_growing_latency(bundled_nr
     files = sorted(MUSHRA.glob("stim_0[1235]/ref.wav"))  # 2.7-3.6 s each, in real time
     sources = [FileSource(f"s{i}", p) for i, p in enumerate(files)]
     stream = StreamConfig(window_s=1.0, hop_s=0.05, model="distillmos")  # 20 windows/s per stream
+    cfg = EngineConfig(stream=stream, max_batch=4, max_pending=8)
+    runs = []
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    _, events = await run_engine(scorer, sources, EngineConfig(stream=stream, max_batch=4, max_pending=8))
+    _, events = await run_engine(scorer, sources, cfg, runs=runs)
     wall = loop.time() - t0
     scores = [e for e in events if isinstance(e, ScoreEvent)]
     overloaded = [e for e in scores if e.reason == "overloaded"]
     scored = [e for e in scores if e.mos is not None]
     assert overloaded and scored
-    assert wall < 3.6 + 6.0  # the longest file plus a bounded backlog, not the 10 s of queued work
-    assert max(e.latency_ms for e in scored) < 6000
+    # Bounds in this machine's own model runs, not in seconds: a window waits for the run in flight and
+    # then for the max_pending queued windows, itself included (max_pending / max_batch runs); half as
+    # much again for scheduling.  Scoring all the queued windows instead would take many times longer.
+    run_s = max(took for _, took in runs) + cfg.batch_wait_s
+    backlog_s = 1.5 * (1 + -(-cfg.max_pending // cfg.max_batch)) * run_s
+    longest = max(sf.info(p).duration for p in files)
+    assert wall < longest + backlog_s, (wall, longest, runs)  # the longest file plus a bounded backlog
+    assert max(e.latency_ms for e in scored) / 1000 < backlog_s, runs
     for i in range(len(files)):
         idx = [e.window for e in scores if e.stream == f"s{i}"]
         assert idx == list(range(len(idx)))

@@ -13,15 +13,20 @@ import sys
 
 import pytest
 
-from conftest import SCOREQ_PAIR
 from scoreq_live.scoring import store
 from scoreq_live.scoring.catalogue import (
-    ENV_OFFLINE, import_model, is_available, known_models, pull_model, resolve_model,
+    ENV_OFFLINE,
+    import_model,
+    is_available,
+    known_models,
+    pull_model,
+    resolve_model,
 )
 from scoreq_live.scoring.download import part_path
 from scoreq_live.scoring.spec import ModelError
-from tiny_models import build
-from zenodo import FakeZenodo
+from tests.helpers import SCOREQ_PAIR
+from tests.tiny_models import build
+from tests.zenodo import FakeZenodo
 
 NR, REF = "adapt_nr_telephone.onnx", "fixed_nmr_telephone.onnx"
 
@@ -208,7 +213,7 @@ def test_import_verifies_like_a_download(zenodo, scoreq_like, tmp_path, monkeypa
         import_model("scoreq-synthetic-nr", junk, md5=hashlib.md5(b"not a model").hexdigest(), mirror=offline)
 
 
-def test_cli_pull_list_and_first_use(zenodo, model_store, tmp_path):
+def test_cli_pull_list_and_first_use(data, zenodo, model_store, tmp_path):
     import os
 
     env = {**os.environ, "SCOREQ_LIVE_MIRROR": zenodo.base}

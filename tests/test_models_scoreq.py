@@ -16,7 +16,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MUSHRA, SCOREQ_PAIR, speech_16k
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.offline import score_file
 from scoreq_live.scoring import store
@@ -25,8 +24,9 @@ from scoreq_live.scoring.references import ReferenceStore
 from scoreq_live.scoring.scorer import Scorer, pad_window
 from scoreq_live.scoring.session import OnnxModel
 from scoreq_live.scoring.spec import ModelError
+from tests.helpers import MUSHRA, SCOREQ_PAIR, speech_16k
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("data")]  # data first: no model is built without it
 CONFIG = StreamConfig(window_s=4.0, hop_s=1.0, model="", mode="nr")
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from browser import chromium, require_browser
-from conftest import EXAMPLES, ROOT
+from tests.browser import chromium, require_browser
+from tests.helpers import EXAMPLES, ROOT
 
 TOKEN = "panel-test-token"
 RULE = "mos<3.3 for 3s"
@@ -45,7 +45,7 @@ class Monitor:
         self.http_port, self.ws_port, self.log = http_port, ws_port, log
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Monitor":
+    def start(self) -> Monitor:
         cmd = [
             sys.executable, "-m", "scoreq_live",
             "--input", f"clean={EXAMPLES / 'clean.wav'}", "--input", f"lyra3={EXAMPLES / 'lyra3.wav'}",

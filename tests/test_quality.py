@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import MUSHRA, SCOREQ_PAIR, speech_16k
 from scoreq_live.core.stream import StreamConfig
-from scoreq_live.offline import build_reference, score_file, window_results
+from scoreq_live.offline import score_file, window_results
+from scoreq_live.scoring.references import build_reference
 from scoreq_live.scoring.scorer import Scorer
+from tests.helpers import MUSHRA, SCOREQ_PAIR, speech_16k
 
 NATIVE = StreamConfig(window_s=7.68, hop_s=1.0, model="distillmos")
 

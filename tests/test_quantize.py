@@ -13,12 +13,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MUSHRA, SCOREQ_PAIR
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.scoring import store
 from scoreq_live.scoring.catalogue import import_model, known_models, scoreq_spec
 from scoreq_live.scoring.quantize import Bar, judge, quantize
-from tiny_models import build
+from tests.helpers import MUSHRA, SCOREQ_PAIR
+from tests.tiny_models import build
 
 OFFLINE = "http://127.0.0.1:9"  # nothing listens there: imports take the checksum from --md5
 
@@ -63,13 +63,14 @@ def test_a_variant_below_the_bar_is_refused_unless_forced(model_store, tmp_path,
     fid = store.read_manifest(variant)["fidelity"]
     assert fid["forced"] and not fid["passed"]
     listed = {r["name"]: r for r in map(json.loads, cli("models", "list", "--json").stdout.splitlines())}
-    assert listed["scoreq-natural-nr-int8"]["installed"] and "below the bar, forced" in listed["scoreq-natural-nr-int8"]["description"]
+    int8 = listed["scoreq-natural-nr-int8"]
+    assert int8["installed"] and "below the bar, forced" in int8["description"]
     out = cli("score", SCOREQ_PAIR / "ref.wav", "--model", "scoreq-natural-nr-int8", "--json", "-")
     assert out.returncode == 0 and json.loads(out.stdout)[0]["mos"] is not None, out.stderr
 
 
 @pytest.mark.slow
-def test_int8_and_fp16_of_the_scoreq_shaped_nr_model(scoreq_shaped, model_store, data):
+def test_int8_and_fp16_of_the_scoreq_shaped_nr_model(data, scoreq_shaped, model_store):
     install("scoreq-natural-nr", scoreq_shaped / "scoreq_shaped_nr.onnx")
     out = cli("models", "quantize", "scoreq-natural-nr", "--int8", "--data", MUSHRA / "stim_01", "--max-windows", "8",
               "--report", "-")
@@ -88,13 +89,14 @@ def test_int8_and_fp16_of_the_scoreq_shaped_nr_model(scoreq_shaped, model_store,
     # The variant is a model of its own, with the original's contract.
     spec = known_models()["scoreq-natural-nr-fp16"]
     assert (spec.input_name, spec.pad_multiple, spec.default_window_s) == ("audio_input", 320, 4.0)
-    a = json.loads(cli("score", MUSHRA / "stim_01" / "ref.wav", "--model", "scoreq-natural-nr", "--json", "-").stdout)
-    b = json.loads(cli("score", MUSHRA / "stim_01" / "ref.wav", "--model", "scoreq-natural-nr-fp16", "--json", "-").stdout)
+    f = MUSHRA / "stim_01" / "ref.wav"
+    a = json.loads(cli("score", f, "--model", "scoreq-natural-nr", "--json", "-").stdout)
+    b = json.loads(cli("score", f, "--model", "scoreq-natural-nr-fp16", "--json", "-").stdout)
     assert b[0]["mos"] == pytest.approx(a[0]["mos"], abs=1e-3)
 
 
 @pytest.mark.slow
-def test_fp16_of_the_scoreq_shaped_ref_model_compares_distances(scoreq_shaped, model_store, data):
+def test_fp16_of_the_scoreq_shaped_ref_model_compares_distances(data, scoreq_shaped, model_store):
     spec = scoreq_spec("scoreq-natural-ref").with_file(scoreq_shaped / "scoreq_shaped_ref.onnx")
     cfg = StreamConfig(window_s=4.0, hop_s=1.0)
     files = sorted((MUSHRA / "stim_02").glob("*.wav"))

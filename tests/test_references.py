@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import MUSHRA, SCOREQ_PAIR
 from scoreq_live.core.stream import StreamConfig
-from scoreq_live.scoring.references import ReferenceError, ReferenceStore
-from tiny_models import build
+from scoreq_live.scoring.references import ReferenceStore, StoredReferenceError
+from tests.helpers import MUSHRA, SCOREQ_PAIR
+from tests.tiny_models import build
 
 
 def cli(*args, timeout=300):
@@ -31,7 +31,7 @@ def test_reference_lifecycle_on_the_command_line(model_store, data):
     assert out.returncode == 0, out.stderr
     assert "2 windows of 2 files" in out.stderr and "--reference office" in out.stderr
 
-    listed = [json.loads(l) for l in cli("reference", "list", "--json").stdout.splitlines()]
+    listed = [json.loads(line) for line in cli("reference", "list", "--json").stdout.splitlines()]
     assert [r["name"] for r in listed] == ["office"] and listed[0]["model"] == "distillmos-embedding"
     shown = json.loads(cli("reference", "show", "office", "--json").stdout)
     assert shown["dim"] == 200 and shown["window_s"] == pytest.approx(7.68) and len(shown["files"]) == 2
@@ -70,7 +70,8 @@ def test_a_reference_is_refused_for_another_model(model_store, tmp_path, data):
 
     # Same name, another file (other weights): refused too.
     assert cli("reference", "add", "tiny", SCOREQ_PAIR / "ref.wav", "--model", tiny).returncode == 0
-    assert cli("score", SCOREQ_PAIR / "opus.wav", "--mode", "ref", "--model", tiny, "--reference", "tiny").returncode == 0
+    out = cli("score", SCOREQ_PAIR / "opus.wav", "--mode", "ref", "--model", tiny, "--reference", "tiny")
+    assert out.returncode == 0, out.stderr
     build(tiny, kind="embedding", output_name="embedding", seed=1)
     out = cli("score", SCOREQ_PAIR / "opus.wav", "--mode", "ref", "--model", tiny, "--reference", "tiny")
     assert out.returncode == 2 and "another file of model 'tiny_ref'" in out.stderr and "--force" in out.stderr
@@ -83,22 +84,22 @@ def test_store_refuses_what_cannot_be_a_reference(tmp_path, tiny_ref, tiny_nr, d
     refs = ReferenceStore(tmp_path / "refs")
     model = OnnxModel(resolve_model(str(tiny_ref)), device="cpu")
     cfg = StreamConfig(window_s=4.0, hop_s=1.0)
-    with pytest.raises(ReferenceError, match="bad reference name"):
+    with pytest.raises(StoredReferenceError, match="bad reference name"):
         refs.add("../x", [SCOREQ_PAIR / "ref.wav"], model, cfg, "h")
     silence = tmp_path / "silence.wav"
     sf.write(silence, np.zeros(48000, np.float32), 16000)
-    with pytest.raises(ReferenceError, match="no window with enough speech"):
+    with pytest.raises(StoredReferenceError, match="no window with enough speech"):
         refs.add("quiet", [SCOREQ_PAIR / "ref.wav", silence], model, cfg, "h")
     assert refs.names() == []  # nothing half-made is left behind
-    with pytest.raises(ReferenceError, match="predicts a MOS"):
+    with pytest.raises(StoredReferenceError, match="predicts a MOS"):
         refs.add("mos", [SCOREQ_PAIR / "ref.wav"], OnnxModel(resolve_model(str(tiny_nr)), device="cpu"), cfg, "h")
-    with pytest.raises(ReferenceError, match="no stored reference 'nope'"):
+    with pytest.raises(StoredReferenceError, match="no stored reference 'nope'"):
         refs.get("nope")
 
     r = refs.add("ok", [SCOREQ_PAIR / "ref.wav"], model, cfg, "h")
     assert r.windows == 3 and refs.get("ok").embeddings().shape == (3, 16)
     np.save(refs.root / "ok" / "embeddings.npy", np.zeros((2, 16), np.float32))  # damaged on disk
-    with pytest.raises(ReferenceError, match=r"holds \[2, 16\], the metadata says \[3, 16\]"):
+    with pytest.raises(StoredReferenceError, match=r"holds \[2, 16\], the metadata says \[3, 16\]"):
         refs.get("ok").to_reference()
     shutil.rmtree(refs.root / "ok")
     assert refs.names() == []

@@ -1,6 +1,5 @@
 """The model contract: files that fit run, files that do not are refused with a clear message."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from scoreq_live.scoring.catalogue import resolve_model
 from scoreq_live.scoring.scorer import Scorer, pad_window
 from scoreq_live.scoring.session import OnnxModel
 from scoreq_live.scoring.spec import ModelError, ModelSpec, load_spec_file
-from tiny_models import build
+from tests.tiny_models import build
 
 
 def test_an_onnx_file_with_scoreq_signature_runs_without_a_spec(tiny_nr):
@@ -80,7 +79,7 @@ def test_padding_to_a_multiple_of_320_leaves_an_aligned_window_alone():
 
 
 def test_batched_scores_equal_one_by_one_scores_and_keep_order(tiny_nr, data):
-    from conftest import MUSHRA, speech_16k
+    from tests.helpers import MUSHRA, speech_16k
 
     model = OnnxModel(resolve_model(str(tiny_nr)), device="cpu")
     scorer = Scorer(model, max_batch=4)
@@ -92,7 +91,7 @@ def test_batched_scores_equal_one_by_one_scores_and_keep_order(tiny_nr, data):
 
 
 def test_a_short_variable_length_window_is_scored_at_its_own_length(tiny_nr, data):
-    from conftest import SCOREQ_PAIR, speech_16k
+    from tests.helpers import SCOREQ_PAIR, speech_16k
 
     model = OnnxModel(resolve_model(str(tiny_nr)), device="cpu")
     x = speech_16k(SCOREQ_PAIR / "ref.wav")[:20000]  # not a multiple of 320

@@ -19,7 +19,7 @@ from scoreq_live.bus import EventBus
 from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamStarted
 from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
 from scoreq_live.sinks.metrics import MetricsSink
-from scoreq_live.sinks.server import FeedServer, Listen, ServeError, content_type, parse_listen, static_file
+from scoreq_live.sinks.server import _BURST_FRAMES, _BURSTS, FeedServer, Listen, ServeError, _FeedConnection
 
 INFO = FeedInfo(model="distillmos", mode="nr", window_s=7.68, hop_s=1.0, bands=default_bands("nr"))
 LOCAL = Listen("127.0.0.1", 0)
@@ -72,7 +72,7 @@ async def http_get(port, path, headers=None, method="GET"):
     top, _, body = raw.partition(b"\r\n\r\n")
     lines = top.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
-    hdrs = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    hdrs = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     return status, hdrs, body
 
 
@@ -166,24 +166,31 @@ async def test_a_client_that_never_reads_neither_delays_the_others_and_is_cut_of
         def delays(windows):
             return sorted(arrivals[i][w] - published[w] for i in range(n_clients) for w in windows)
 
+        def p50_p95(d):
+            return statistics.median(d), d[int(0.95 * len(d))]
+
         await publish(0, phase)  # baseline: nobody stalled
         stalled = await connect(ws_url(srv), sock=small_rcvbuf_socket(srv.http_address.port), max_queue=1)
         await asyncio.sleep(0.05)
-        await publish(phase, phase)  # the same load with a client that reads nothing
-        await asyncio.sleep(0.3)
-        base, loaded = delays(range(phase)), delays(range(phase, 2 * phase))
-        assert all(len(a) == 2 * phase for a in arrivals), "every client got every event"
-        p50 = (statistics.median(base), statistics.median(loaded))
-        p95 = (base[int(0.95 * len(base))], loaded[int(0.95 * len(loaded))])
-        print(f"\ndelay to {n_clients} clients, p50/p95 ms: alone {p50[0] * 1e3:.2f}/{p95[0] * 1e3:.2f}, "
-              f"with a stalled client {p50[1] * 1e3:.2f}/{p95[1] * 1e3:.2f}; dropped for it: {srv.hub.dropped}")
+        await publish(phase, phase)  # the same load with a client that reads nothing (for less than stall_s)
         assert srv.hub.dropped > 0, "the stalled client's queue overflowed (drop-oldest)"
-        assert p95[1] < p95[0] + 0.05 and p50[1] < p50[0] + 0.02
-        # It is cut off once it has taken nothing for stall_s.
+        # It is cut off once it has taken nothing for stall_s (the deadline only bounds a hang).
         deadline = time.monotonic() + 10
         while not srv.hub.disconnected.get("stalled") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert srv.hub.disconnected["stalled"] == 1 and len(srv.hub.clients) == n_clients
+        await publish(2 * phase, phase)  # baseline again, once it is gone
+        await asyncio.sleep(0.3)
+        assert all(len(a) == 3 * phase for a in arrivals), "every client got every event"
+        before, loaded, after = (p50_p95(delays(range(k * phase, (k + 1) * phase))) for k in range(3))
+        print(f"\ndelay to {n_clients} clients, p50/p95 ms: alone {before[0] * 1e3:.2f}/{before[1] * 1e3:.2f}, "
+              f"with a stalled client {loaded[0] * 1e3:.2f}/{loaded[1] * 1e3:.2f}, "
+              f"alone again {after[0] * 1e3:.2f}/{after[1] * 1e3:.2f}; dropped for it: {srv.hub.dropped}")
+        # Relative to the same clients' delays without it, measured before it came and after it was cut (the
+        # worse of the two, so that a machine busy with something else for a while is not read as its cost).
+        # A server that waited on the stalled client would delay the others by up to stall_s: 100x and more.
+        base = (max(before[0], after[0]), max(before[1], after[1]))
+        assert loaded[0] < 3 * base[0] and loaded[1] < 4 * base[1], (before, loaded, after)
         stalled.transport.abort()
         for t in readers:
             t.cancel()
@@ -211,6 +218,32 @@ async def test_a_client_that_falls_behind_is_told_exactly_how_many_events_it_los
         assert lost > 0 and windows == sorted(windows) and windows[-1] == total - 1
         assert len(windows) + lost == total and srv.hub.dropped == lost
         await slow.close()
+
+
+async def test_a_burst_of_frames_goes_out_in_a_few_writes_not_one_per_frame():
+    # The coalescing leans on the websockets library's internals (ServerConnection.send_context calling
+    # send_data, protocol.send_text); a version that stops using them would send one write per frame again
+    # and only get slower.  Count the writes on the real transport of a real connection.
+    n = 3 * _BURST_FRAMES
+    async with feed(hub_kw=dict(queue_size=2 * n)) as (srv, bus):
+        bus.publish(started("a"))
+        async with connect(ws_url(srv)) as ws:
+            await read_until_history_end(ws)
+            (conn,) = srv._conns.values()
+            assert _BURSTS and isinstance(conn, _FeedConnection)
+            transport, writes = conn.transport, []
+            real_write = transport.write
+
+            def counted(data):
+                writes.append(len(data))
+                real_write(data)
+
+            transport.write = counted
+            for w in range(n):  # queued at once: the client's writer takes them in one go
+                srv.hub.publish(score("a", w), srv.clock())
+            got = [json.loads(await asyncio.wait_for(ws.recv(), 10))["window"] for _ in range(n)]
+            assert got == list(range(n))
+            assert 0 < len(writes) <= n // _BURST_FRAMES + 1, f"{len(writes)} writes for {n} frames"
 
 
 # --- history, subscription ---------------------------------------------------------------------
@@ -286,12 +319,8 @@ def test_listening_beyond_loopback_needs_a_token():
     with pytest.raises(ServeError, match="needs a token"):
         FeedServer(hub, ws=LOCAL, http=Listen("::", 8080))
     FeedServer(hub, ws=Listen("0.0.0.0", 8765), token="t")  # not started: nothing listens
-    assert parse_listen("127.0.0.1:9000", 1) == Listen("127.0.0.1", 9000)
-    assert parse_listen("[::1]:9000", 1) == Listen("::1", 9000) and Listen("::1", 1).loopback
-    assert parse_listen(":9000", 1) == parse_listen("9000", 1) == Listen("127.0.0.1", 9000)
-    assert parse_listen("localhost", 8765) == Listen("localhost", 8765) and Listen("localhost", 1).loopback
-    with pytest.raises(ServeError):
-        parse_listen("127.0.0.1:http", 1)
+    with pytest.raises(ServeError, match="nothing to serve"):
+        FeedServer(hub)
 
 
 async def test_browser_origins_are_checked():
@@ -341,20 +370,6 @@ async def test_client_count_limit_and_message_size_limit():
 # --- HTTP: panel files, metrics -----------------------------------------------------------------
 
 
-@pytest.fixture
-def panel(tmp_path):
-    root = tmp_path / "panel"
-    (root / "vendor").mkdir(parents=True)
-    (root / "index.html").write_text("<!doctype html><title>panel</title>")
-    (root / "panel.js").write_text("console.log('hi')")
-    (root / "panel.css").write_text("body{}")
-    (root / "vendor" / "lib.min.js").write_text("var x")
-    (root / ".secret").write_text("no")
-    (tmp_path / "outside.txt").write_text("no")
-    (root / "link.txt").symlink_to(tmp_path / "outside.txt")
-    return root
-
-
 async def test_http_serves_the_panel_files_safely(panel):
     async with feed(panel_dir=panel, ws=None) as (srv, bus):
         port = srv.http_address.port
@@ -375,8 +390,6 @@ async def test_http_serves_the_panel_files_safely(panel):
         assert (await http_get(port, "/static/panel.js", method="DELETE"))[0] == 405
         status, _, body = await http_get(port, "/ws")  # no upgrade
         assert status == 426
-    assert static_file(panel, "vendor/lib.min.js") == (panel / "vendor" / "lib.min.js").resolve()
-    assert content_type(panel / "x.svg") == "image/svg+xml"
 
 
 async def test_the_default_panel_folder_is_served():
@@ -389,7 +402,7 @@ async def test_metrics_parse_with_prometheus_own_parser_and_ended_streams_leave_
     metrics = MetricsSink(model="distillmos", mode="nr")
     async with feed(metrics=metrics) as (srv, bus):
         port = srv.http_address.port
-        async with connect(ws_url(srv)) as ws:
+        async with connect(ws_url(srv)):  # one client, counted by the metrics
             for s in ("a", "b"):
                 bus.publish(started(s))
             for w in range(3):

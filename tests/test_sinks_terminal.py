@@ -1,6 +1,5 @@
 """The terminal panel rendered to text, as a person at an 80-column terminal sees it."""
 
-import json
 
 from rich.console import Console
 
@@ -31,10 +30,10 @@ def test_panel_fits_80_columns_and_shows_each_stream():
     console.print(render(state, 80))
     text = console.export_text()
     lines = text.rstrip("\n").splitlines()
-    assert all(len(l) <= 80 for l in lines)
-    alice = next(l for l in lines if l.startswith("alice"))
-    bob = next(l for l in lines if l.startswith("bob"))
-    carol = next(l for l in lines if l.startswith("carol"))
+    assert all(len(line) <= 80 for line in lines)
+    alice = next(line for line in lines if line.startswith("alice"))
+    bob = next(line for line in lines if line.startswith("bob"))
+    carol = next(line for line in lines if line.startswith("carol"))
     # alice's last window had no speech: no current score, the smoothed one stays, the state says why
     assert "4.25" in alice and "–" in alice and "no speech" in alice and "-24dB" in alice
     assert "2.10" in bob and "2.20" in bob and "ended" in bob
@@ -73,7 +72,7 @@ def test_active_alerts_show_in_one_line_under_the_table_until_cleared():
     sink.state.update(AlertEvent(value=2.1, t=14.0, **common))
     sink.console.print(sink.renderable())
     text = sink.console.export_text()
-    line = next(l for l in text.splitlines() if "alerts" in l)
+    line = next(ln for ln in text.splitlines() if "alerts" in ln)
     assert "bob mos<3.0 for 10s (at 2.1)" in line and len(line) <= 80
     sink.state.update(ClearedEvent(value=3.4, t=40.0, **common))
     sink.console.print(sink.renderable())

@@ -14,11 +14,9 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import soundfile as sf
 
-from conftest import MUSHRA, joined
-from pulse import pulse_server  # noqa: F401  (pytest fixture)
+from tests.helpers import MUSHRA, joined
 
 
 def monitor(env, *args):
@@ -66,7 +64,6 @@ def test_live_capture_is_scored_and_stops_cleanly(pulse_server, tmp_path, data):
         player = pulse_server.play(wav)
         player.wait(timeout=30)
         # Playback is over; wait for windows that cover only the silence after it.
-        t_after = first[-1].get("ts")
         events = read_events(proc, lambda e: e["type"] == "score" and e["reason"] == "silent"
                              and e["t_start"] > speech.size / 16000 + 1, timeout=30)
         proc.send_signal(signal.SIGINT)
@@ -85,19 +82,30 @@ def test_live_capture_is_scored_and_stops_cleanly(pulse_server, tmp_path, data):
     from scoreq_live.monitor import ScoringOptions, load_scorer
     from scoreq_live.offline import score_file
 
-    scorer, config, _ = load_scorer(ScoringOptions(window_s=4, hop_s=1, device="cpu"))
-    offline = score_file(wav, scorer, config)
+    loaded = load_scorer(ScoringOptions(window_s=4, hop_s=1, device="cpu"))
+    # What one model run of a window takes on this machine, the first one cold as in the monitor.
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loaded.scorer.score([speech[:16000 * 4]])
+        runs.append(time.perf_counter() - t0)
+    offline = score_file(wav, loaded.scorer, loaded.stream)
     assert abs(np.mean(scored) - offline.value) < 0.35, (scored, offline.value)
     assert any(e["reason"] == "silent" and e["mos"] is None for e in scores)  # silence is never scored
-    assert max(e["latency_ms"] for e in scores) < 3000
+    # Scored in real time: no window waited longer than the run before it and its own.  Measured against
+    # those run times, not a number of seconds; twice that, as the monitor's runs share the machine with
+    # the capture and are not the runs timed here.
+    latency_s = max(e["latency_ms"] for e in scores) / 1000
+    assert latency_s < 2 * 2 * max(runs), (latency_s, runs)
 
 
 def test_no_capture_device_gives_one_clear_line(tmp_path):
     # No server at the address PortAudio's pulse plugin is sent to, and no autospawn: no capture device.
     (tmp_path / "client.conf").write_text("autospawn = no\n")
-    env = dict(os.environ, PULSE_SERVER=f"unix:{tmp_path}/no-such-socket", PULSE_CLIENTCONFIG=str(tmp_path / "client.conf"))
+    env = dict(os.environ, PULSE_SERVER=f"unix:{tmp_path}/no-such-socket",
+               PULSE_CLIENTCONFIG=str(tmp_path / "client.conf"))
     out = subprocess.run([sys.executable, "-m", "scoreq_live", "--input", "mic", "--no-tui", "-q"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
-    lines = [l for l in out.stderr.strip().splitlines() if l.startswith("scoreq-live")]
+    lines = [line for line in out.stderr.strip().splitlines() if line.startswith("scoreq-live")]
     assert len(lines) == 1 and "--input FILE" in lines[0], out.stderr

@@ -4,9 +4,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from conftest import MUSHRA
 from scoreq_live.audio import to_mono_float
 from scoreq_live.sources.base import Normaliser
+from tests.helpers import MUSHRA
 
 
 def stereo_24k(data_dir=MUSHRA):

@@ -68,7 +68,7 @@ class FakeZenodo:
                 "metadata": {"title": "SCOREQ ONNX models (test stand-in)", "license": {"id": "cc-by-4.0"}},
                 "files": files}
 
-    def __enter__(self) -> "FakeZenodo":
+    def __enter__(self) -> FakeZenodo:
         self.thread.start()
         return self
 

@@ -26,8 +26,20 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from scoreq_live.core.events import AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import (
+    AlertChange,
+    AlertEvent,
+    ClearedEvent,
+    Event,
+    Mode,
+    ScoreEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+)
+from scoreq_live.errors import ScoreqLiveError
 
 # Metric names a rule may use, and the ScoreEvent attribute each reads.
 METRICS = {
@@ -56,7 +68,7 @@ _UNIT_S = {None: 1.0, "s": 1.0, "sec": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0}
 _EPS = 1e-6  # stream times are sums of hops: tolerate float rounding at the boundary
 
 
-class RuleError(ValueError):
+class RuleError(ScoreqLiveError):
     """A rule that cannot be parsed; the message says what is wrong."""
 
 
@@ -79,7 +91,7 @@ class AlertRule:
             s += f" hysteresis {self.hysteresis:g}"
         return s
 
-    def margin(self, mode: str) -> float:
+    def margin(self, mode: Mode) -> float:
         """The dead band beyond the threshold (see the module docstring)."""
         if self.hysteresis is not None:
             return self.hysteresis
@@ -126,7 +138,7 @@ def parse_rule(text: str) -> AlertRule:
     return AlertRule(metric=metric, op=m["op"], threshold=threshold, for_s=for_s, hysteresis=hyst)
 
 
-def check_rule_mode(rule: AlertRule, mode: str) -> None:
+def check_rule_mode(rule: AlertRule, mode: Mode) -> None:
     """Refuse rules on a score the mode does not produce (``mos`` in ref mode, ``distance`` in nr)."""
     if rule.metric == "mos" and mode != "nr":
         raise RuleError(f"alert rule {rule.text!r}: mode {mode} gives distances, not a MOS; use 'distance' "
@@ -159,7 +171,7 @@ class AlertEvaluator:
         """(stream, rule) of every alert now raised."""
         return [(s, self.rules[i]) for (s, i), st in self._state.items() if st.active]
 
-    def feed(self, ev: Event) -> list[AlertEvent]:
+    def feed(self, ev: Event) -> list[AlertChange]:
         if isinstance(ev, ScoreEvent):
             return self._score(ev)
         if isinstance(ev, (StreamEnded, StreamError)):
@@ -169,13 +181,14 @@ class AlertEvaluator:
                 del self._state[key]  # a stream that starts again starts clean
         return []
 
-    def _make(self, cls, ev: Event, rule: AlertRule, value: float | None, t: float, **extra) -> AlertEvent:
-        return cls(stream=ev.stream, ts=ev.ts, rule=rule.text, metric=rule.metric, op=rule.op,
-                   threshold=rule.threshold, for_s=rule.for_s, value=value, t=t,
-                   id=f"{ev.stream}:{rule.text}", **extra)
+    @staticmethod
+    def _fields(ev: Event, rule: AlertRule, value: float | None, t: float) -> dict[str, Any]:
+        return {"stream": ev.stream, "ts": ev.ts, "rule": rule.text, "metric": rule.metric, "op": rule.op,
+                "threshold": rule.threshold, "for_s": rule.for_s, "value": value, "t": t,
+                "id": f"{ev.stream}:{rule.text}"}
 
-    def _score(self, ev: ScoreEvent) -> list[AlertEvent]:
-        out: list[AlertEvent] = []
+    def _score(self, ev: ScoreEvent) -> list[AlertChange]:
+        out: list[AlertChange] = []
         t = ev.t_end
         for i, rule in enumerate(self.rules):
             v = rule.value(ev)
@@ -191,7 +204,7 @@ class AlertEvaluator:
                         st.run_start = t
                     if t - st.run_start >= rule.for_s - _EPS:
                         st.active, st.run_start = True, None
-                        out.append(self._make(AlertEvent, ev, rule, v, t))
+                        out.append(AlertEvent(**self._fields(ev, rule, v, t)))
                 elif clear:
                     st.run_start = None
                 # else: in the dead band, the wait neither starts nor resets
@@ -201,17 +214,17 @@ class AlertEvaluator:
                         st.run_start = t
                     if t - st.run_start >= rule.for_s - _EPS:
                         st.active, st.run_start = False, None
-                        out.append(self._make(ClearedEvent, ev, rule, v, t, reason="recovered"))
+                        out.append(ClearedEvent(**self._fields(ev, rule, v, t), reason="recovered"))
                 elif holds:
                     st.run_start = None
         return out
 
-    def _end(self, ev: Event) -> list[AlertEvent]:
-        out: list[AlertEvent] = []
+    def _end(self, ev: StreamEnded | StreamError) -> list[AlertChange]:
+        out: list[AlertChange] = []
         for key in [k for k in self._state if k[0] == ev.stream]:
             st = self._state.pop(key)
             if st.active:
                 t = ev.t if isinstance(ev, StreamEnded) else st.last_t
-                out.append(self._make(ClearedEvent, ev, self.rules[key[1]], st.last_value, t,
-                                      reason="stream_ended"))
+                out.append(ClearedEvent(**self._fields(ev, self.rules[key[1]], st.last_value, t),
+                                        reason="stream_ended"))
         return out

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 SCHEMA_VERSION = 1
+
+Mode = Literal["nr", "ref"]
+"""nr: a MOS 1-5 per window; ref: the distance to a clean reference's embeddings (lower is better)."""
+SkipReason = Literal["silent", "no_speech", "overloaded", "error", "stopped"]
+"""Why a window has no score: too quiet, too little speech, the scorer was behind, it failed, the monitor stopped."""
+EndReason = Literal["eof", "stopped", "error"]
+"""Why a stream ended: its input ended, the monitor was stopped, or the input failed."""
+StreamState = Literal["live", "ended", "stopped", "error"]
+"""A stream's state as the outputs show it (``eof`` shows as ``ended``)."""
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -51,7 +60,7 @@ class ScoreEvent(Event):
     window: int = 0
     t_start: float = 0.0
     t_end: float = 0.0
-    mode: str = "nr"
+    mode: Mode = "nr"
     mos: float | None = None
     distance: float | None = None
     smoothed: float | None = None
@@ -59,7 +68,7 @@ class ScoreEvent(Event):
     level_dbfs: float = -120.0
     model: str = ""
     latency_ms: float = 0.0
-    reason: str | None = None
+    reason: SkipReason | None = None
 
     @property
     def value(self) -> float | None:
@@ -100,7 +109,7 @@ class StreamStarted(Event):
     rate: int = 0  # the input's own sample rate, before resampling to 16 kHz
     channels: int = 0
     model: str = ""
-    mode: str = "nr"
+    mode: Mode = "nr"
     window_s: float = 0.0
     hop_s: float = 0.0
 
@@ -108,7 +117,7 @@ class StreamStarted(Event):
 @dataclass
 class StreamEnded(Event):
     type: ClassVar[str] = "stream_ended"
-    reason: str = "eof"  # eof | stopped
+    reason: EndReason = "eof"
     t: float = 0.0  # stream time at the end, seconds
     windows: int = 0
     scored: int = 0
@@ -123,14 +132,36 @@ class StreamError(Event):
 
 
 @dataclass
-class AlertEvent(Event):
-    """An alert rule's condition has held on a stream for the rule's duration.
+class InputDropped(Event):
+    """Input audio was lost before the monitor got it (a sound card's blocks dropped while the loop stalled).
 
-    ``value`` is the metric in the window that raised it; ``t`` is stream time
-    (seconds); ``id`` (``"<stream>:<rule>"``) pairs it with its ``cleared``.
+    The samples after the gap follow those before it directly, so the windows
+    around ``t`` (stream time, seconds) hold spliced audio.  ``dropped_s`` is
+    this loss; ``total_s`` all of the stream's so far.
     """
 
-    type: ClassVar[str] = "alert"
+    type: ClassVar[str] = "input_dropped"
+    t: float = 0.0
+    dropped_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(t=round(self.t, 4), dropped_s=round(self.dropped_s, 4), total_s=round(self.total_s, 4))
+        return d
+
+
+@dataclass
+class AlertChange(Event):
+    """What :class:`AlertEvent` and :class:`ClearedEvent` share: the rule, and the value that changed it.
+
+    ``value`` is the metric in the window that raised or cleared the alert;
+    ``t`` is stream time (seconds); ``id`` (``"<stream>:<rule>"``) pairs an
+    alert with its ``cleared``.  The two are siblings, so ``isinstance(ev,
+    AlertEvent)`` is true of raised alerts only.
+    """
+
+    type: ClassVar[str] = "alert_change"
     rule: str = ""  # the rule in canonical form, e.g. "mos<3.0 for 10s"
     metric: str = ""  # mos | distance | smoothed | speech | level_dbfs | latency_ms
     op: str = "<"
@@ -148,17 +179,32 @@ class AlertEvent(Event):
 
 
 @dataclass
-class ClearedEvent(AlertEvent):
+class AlertEvent(AlertChange):
+    """An alert rule's condition has held on a stream for the rule's duration."""
+
+    type: ClassVar[str] = "alert"
+
+
+@dataclass
+class ClearedEvent(AlertChange):
     """An alert stopped: its metric recovered (with hysteresis), or its stream ended.
 
-    Same fields as :class:`AlertEvent`; ``value`` is the current value and
-    ``reason`` is ``recovered`` or ``stream_ended``.
+    ``value`` is the current value and ``reason`` is ``recovered`` or ``stream_ended``.
     """
 
     type: ClassVar[str] = "cleared"
-    reason: str = "recovered"
+    reason: Literal["recovered", "stream_ended"] = "recovered"
 
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (ScoreEvent, StreamStarted, StreamEnded, StreamError, AlertEvent, ClearedEvent)
-}
+def state_after(ev: Event) -> StreamState | None:
+    """The state a stream is in after ``ev``, or None when the event does not change it.
+
+    The one place that folds lifecycle events into a state, for every output.
+    """
+    if isinstance(ev, StreamStarted):
+        return "live"
+    if isinstance(ev, StreamEnded):
+        return "ended" if ev.reason == "eof" else ev.reason
+    if isinstance(ev, StreamError):
+        return "error"
+    return None

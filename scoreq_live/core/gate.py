@@ -12,6 +12,7 @@ this window for a MOS to mean anything".
 from __future__ import annotations
 
 import math
+from typing import Final, Literal
 
 import numpy as np
 import webrtcvad
@@ -20,8 +21,8 @@ from scoreq_live.core import SAMPLE_RATE
 
 FRAME = 480  # 30 ms at 16 kHz: the longest frame webrtcvad accepts, the cheapest per second.
 
-NO_SPEECH = "no_speech"
-SILENT = "silent"
+NO_SPEECH: Final[Literal["no_speech"]] = "no_speech"
+SILENT: Final[Literal["silent"]] = "silent"
 
 
 def level_dbfs(samples: np.ndarray, floor: float = -120.0) -> float:

@@ -38,7 +38,7 @@ class EmaSmoother:
         return self._value
 
     def update(self, t: float, value: float) -> float:
-        if self._value is None or self.tau == 0:
+        if self._value is None or self._t is None or self.tau == 0:
             self._value = value
         else:
             dt = max(0.0, t - self._t)
@@ -74,6 +74,7 @@ class MedianSmoother:
 
 
 def make_smoother(kind: str, seconds: float) -> Smoother:
+    """The smoother ``--smoothing`` names, with its time constant or span in seconds."""
     if kind == "ema":
         return EmaSmoother(seconds)
     if kind == "median":

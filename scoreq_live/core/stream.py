@@ -10,16 +10,18 @@ before earlier windows come back from the scorer.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from scoreq_live.core import SAMPLE_RATE
-from scoreq_live.core.events import ScoreEvent
+from scoreq_live.core.events import Mode, ScoreEvent, SkipReason
 from scoreq_live.core.gate import NO_SPEECH, SILENT, SpeechDetector, level_dbfs
 from scoreq_live.core.ringbuffer import RingBuffer
 from scoreq_live.core.smoothing import make_smoother
-from scoreq_live.core.windowing import WindowScheduler
+from scoreq_live.core.windowing import WindowScheduler, WindowSpan
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,11 @@ class StreamConfig:
     min_speech: float = 0.2  # fraction of 30 ms frames with speech needed to score a window
     silence_dbfs: float = -60.0  # below this RMS level a window is "silent", whatever the VAD says
     vad_aggressiveness: int = 2
-    smoothing: str = "ema"
+    smoothing: Literal["ema", "median"] = "ema"
     smoothing_s: float = 5.0
     min_tail_s: float = 0.5  # shorter end-of-stream tails are not worth a score
     model: str = ""
-    mode: str = "nr"
+    mode: Mode = "nr"
 
     @property
     def window(self) -> int:
@@ -58,7 +60,7 @@ class Window:
     speech: float
     level_dbfs: float
     arrival: float  # time the window's last sample arrived (engine clock)
-    reason: str | None = None  # why it will not be scored, if it will not
+    reason: SkipReason | None = None  # why it will not be scored, if it will not
     value: float | None = None
     resolved: bool = False
 
@@ -120,13 +122,13 @@ class StreamCore:
         tail = self.scheduler.finish(self.ring.total, int(self.config.min_tail_s * SAMPLE_RATE))
         return self._make([tail] if tail else [], now)
 
-    def _make(self, spans, now: float) -> list[Window]:
+    def _make(self, spans: Iterable[WindowSpan], now: float) -> list[Window]:
         out = []
         for span in spans:
             audio = self.ring.read(span.start, span.end)
             level = level_dbfs(audio)
             speech = self.vad.fraction(span.start, span.end)
-            reason = None
+            reason: SkipReason | None = None
             if level < self.config.silence_dbfs:
                 reason = SILENT
             elif speech < self.config.min_speech:
@@ -141,15 +143,28 @@ class StreamCore:
                 out.append(w)
         return out
 
-    def resolve(self, window: Window, value: float | None, reason: str | None = None) -> None:
+    def resolve(self, window: Window, value: float | None, reason: SkipReason | None = None) -> None:
         """Record the scorer's result (or why there is none) for a window."""
         window.value = value
         window.reason = reason if value is None else None
         window.resolved = True
         window.audio = window.audio[:0]
 
+    def abandon(self, reason: SkipReason) -> int:
+        """Give up on every window still waiting for the scorer (``reason`` says why); returns how many.
+
+        Their events come out of :meth:`drain` in order, unscored, like any skipped window.
+        """
+        n = 0
+        for w in self._order:
+            if not w.resolved:
+                self.resolve(w, None, reason)
+                n += 1
+        return n
+
     @property
     def pending(self) -> int:
+        """Windows handed to the scorer and not resolved yet."""
         return sum(1 for w in self._order if not w.resolved)
 
     def drain(self, now: float, wall: float) -> list[ScoreEvent]:
@@ -157,10 +172,11 @@ class StreamCore:
 
         ``now`` is the engine clock (for latency), ``wall`` the Unix time stamped on the events.
         """
-        out = []
+        out: list[ScoreEvent] = []
         cfg = self.config
         while self._order and self._order[0].resolved:
             w = self._order.popleft()
+            smoothed: float | None
             if w.value is not None:
                 self.scored += 1
                 smoothed = self.smoother.update(w.t_end, w.value)
@@ -184,3 +200,9 @@ class StreamCore:
             )
             out.append(ev)
         return out
+
+
+def speech_windows(audio: np.ndarray, config: StreamConfig) -> list[np.ndarray]:
+    """The windows of a whole signal that the monitor would score (speech-gated), cut as it cuts them."""
+    core = StreamCore("signal", config)
+    return [w.audio for w in core.feed(audio, 0.0) + core.finish(0.0)]

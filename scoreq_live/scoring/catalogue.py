@@ -8,7 +8,6 @@ from any of them with ``scoreq-live models quantize``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ import onnxruntime as ort
 
 from scoreq_live.scoring import store
 from scoreq_live.scoring.download import Progress
-from scoreq_live.scoring.spec import ModelError, ModelSpec, load_spec_file
+from scoreq_live.scoring.spec import Kind, Mode, ModelError, ModelSpec, load_spec_file
 from scoreq_live.scoring.store import PublishedFile
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
@@ -69,7 +68,7 @@ SCOREQ_LICENCE = "CC BY 4.0 weights (Zenodo 15739280), MIT code"
 SCOREQ_SIZE = 378_000_000
 ENV_OFFLINE = "SCOREQ_LIVE_OFFLINE"
 
-_SCOREQ = {  # name: (domain, mode, file in the record)
+_SCOREQ: dict[str, tuple[str, Mode, str]] = {  # name: (domain, mode, file in the record)
     "scoreq-natural-nr": ("natural", "nr", "adapt_nr_telephone.onnx"),
     "scoreq-natural-ref": ("natural", "ref", "fixed_nmr_telephone.onnx"),
     "scoreq-synthetic-nr": ("synthetic", "nr", "adapt_nr_synthetic.onnx"),
@@ -106,7 +105,7 @@ def scoreq_spec(name: str) -> ModelSpec:
 
 
 def _variants(base: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
-    out = {}
+    out: dict[str, ModelSpec] = {}
     for path, m in store.installed_variants():
         original = base.get(m["variant_of"])
         if original is None or not m.get("name"):
@@ -117,8 +116,8 @@ def _variants(base: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
             note = (f"; fidelity on {fid.get('windows')} windows: max |delta| {fid.get('max_abs_delta'):.4g} "
                     f"{fid.get('unit', '')}, Pearson {fid.get('pearson'):.4f}"
                     + (" (below the bar, forced)" if not fid.get("passed") else ""))
-        out[m["name"]] = replace(original, name=m["name"], file=path, bundled=False, url=None,
-                                 description=f"{m.get('variant')} variant of {original.name} ({m.get('method', '')}){note}")
+        what = f"{m.get('variant')} variant of {original.name} ({m.get('method', '')}){note}"
+        out[m["name"]] = replace(original, name=m["name"], file=path, bundled=False, url=None, description=what)
     return out
 
 
@@ -171,7 +170,7 @@ def _offline_message(spec: ModelSpec, published: PublishedFile, why: str) -> str
             f"register it with: scoreq-live models import {spec.name} {published.key}")
 
 
-def _infer_kind(path: Path) -> str:
+def _infer_kind(path: Path) -> Kind:
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -180,8 +179,8 @@ def _infer_kind(path: Path) -> str:
     return "mos" if len(shape) == 2 and shape[1] == 1 else "embedding"
 
 
-def resolve_model(model: str | None, spec_file: str | None = None, kind: str | None = None,
-                  mode: str | None = None, download: bool = True, progress: Progress | None = None) -> ModelSpec:
+def resolve_model(model: str | None, spec_file: str | None = None, kind: Kind | None = None,
+                  mode: Mode | None = None, download: bool = True, progress: Progress | None = None) -> ModelSpec:
     """Find the spec for ``--model`` (a catalogue name or an ONNX path).
 
     With no model, the bundled default for the mode is used.  A published
@@ -190,7 +189,8 @@ def resolve_model(model: str | None, spec_file: str | None = None, kind: str | N
     says where to fetch the file and how to import it.  An ONNX path
     without a spec file gets its spec from the file itself: input and output
     names, fixed or variable length, and (unless ``kind`` says) ``mos`` when
-    the output is ``[batch, 1]``.
+    the output is ``[batch, 1]``.  ``progress`` is called with (bytes done, bytes total) during such a
+    download; without one, nothing is shown (the command line passes a progress bar).
     """
     if spec_file and not model:
         return load_spec_file(spec_file)
@@ -206,12 +206,8 @@ def resolve_model(model: str | None, spec_file: str | None = None, kind: str | N
             raise ModelError(f"model {model!r} is not installed (expected at {spec.file})")
         if not download or os.environ.get(ENV_OFFLINE):
             raise ModelError(_offline_message(spec, published, "downloads are switched off"))
-        if progress is None:
-            from scoreq_live.progress import ConsoleProgress
-            progress = ConsoleProgress(f"downloading {model} ({published.key})")
         try:
-            with progress if hasattr(progress, "__enter__") else contextlib.nullcontext():
-                store.pull(spec, published, progress=progress)
+            store.pull(spec, published, progress=progress)
         except ModelError as e:
             reason = e.reason if isinstance(e, store.PullError) else str(e)
             raise ModelError(_offline_message(spec, published, f"could not be downloaded: {reason}")) from e

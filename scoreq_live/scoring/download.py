@@ -30,11 +30,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from scoreq_live import __version__
+from scoreq_live.errors import ScoreqLiveError
 
 ZENODO = "https://zenodo.org"
 ENV_MIRROR = "SCOREQ_LIVE_MIRROR"
@@ -44,7 +46,7 @@ USER_AGENT = f"scoreq-live/{__version__} (+model download)"
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
-class DownloadError(Exception):
+class DownloadError(ScoreqLiveError):
     """A file could not be fetched or verified; the message says why and what to do."""
 
 
@@ -92,7 +94,7 @@ def record_page_url(record: str, key: str | None = None) -> str:
     return f"{page}/files/{key}" if key else page
 
 
-def _request(url: str, headers: dict | None = None) -> urllib.request.Request:
+def _request(url: str, headers: dict[str, str] | None = None) -> urllib.request.Request:
     return urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
 
 
@@ -117,7 +119,7 @@ def _file_url(link: str, api_url: str, base: str) -> str:
     return url
 
 
-def _entries(data: dict) -> list[dict]:
+def _entries(data: dict[str, Any]) -> list[dict[str, Any]]:
     files = data.get("files")
     if isinstance(files, dict):  # InvenioRDM's own layout: {"entries": {key: {...}}} or a list
         files = files.get("entries", [])
@@ -143,7 +145,7 @@ def fetch_record(record: str, mirror: str | None = None, timeout: float = 20.0) 
         files = {}
         for f in _entries(data):
             key = f.get("key") or f.get("filename")
-            size = int(f.get("size", f.get("filesize")))
+            size = int(f["size"] if "size" in f else f["filesize"])
             checksum = str(f["checksum"])
             if ":" not in checksum:
                 checksum = f"md5:{checksum}"  # the legacy API gave a bare md5
@@ -273,9 +275,9 @@ def download(remote: RemoteFile, dest: Path, progress: Progress | None = None, r
             time.sleep(min(backoff_s * 2 ** (attempt - 1), 10.0))
             continue
         if part.stat().st_size > remote.size:
-            got = part.stat().st_size
+            sent = part.stat().st_size
             _discard(part)
-            raise DownloadError(f"{remote.url}: the server sent {got} bytes, the record lists {remote.size}; "
+            raise DownloadError(f"{remote.url}: the server sent {sent} bytes, the record lists {remote.size}; "
                                 "the file was deleted")
     if remote.algorithm not in hashlib.algorithms_available:
         raise DownloadError(f"{remote.key}: unknown checksum algorithm {remote.algorithm!r}")

@@ -37,9 +37,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import platformdirs
@@ -47,7 +48,8 @@ import platformdirs
 from scoreq_live import __version__
 from scoreq_live.audio import AudioError, load_audio
 from scoreq_live.core import SAMPLE_RATE
-from scoreq_live.core.stream import StreamConfig
+from scoreq_live.core.stream import StreamConfig, speech_windows
+from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.download import file_digest
 from scoreq_live.scoring.scorer import Model, Reference, run_windows
 from scoreq_live.scoring.store import APP, now_utc, write_json_atomic
@@ -57,8 +59,51 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FORMAT = 1
 
 
-class ReferenceError(Exception):
-    """A stored reference is missing, malformed, or does not fit the model; the message says why."""
+class StoredReferenceError(ScoreqLiveError):
+    """A reference cannot be made (unreadable audio, no speech) or used (missing, malformed, made with
+    another model); the message says why."""
+
+
+@dataclass(frozen=True)
+class EmbeddedFile:
+    """One clean speech file, cut into the windows the monitor would score and embedded."""
+
+    path: Path  # as given
+    duration_s: float
+    embeddings: np.ndarray  # [windows, D] float32; no rows when no window has enough speech
+
+    @property
+    def windows(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def embed_files(model: Model, paths: Sequence[str | Path], config: StreamConfig) -> Iterator[EmbeddedFile]:
+    """Embed clean speech files one by one, windowed and speech-gated exactly as live audio is.
+
+    The one embedding path of references: stored ones (:meth:`ReferenceStore.add`) and ones made
+    from files at start-up (:func:`build_reference`).  Raises :class:`StoredReferenceError` for a
+    file that cannot be read.
+    """
+    for p in map(Path, paths):
+        try:
+            audio = load_audio(p)
+        except AudioError as e:
+            raise StoredReferenceError(str(e)) from e
+        windows = speech_windows(audio, config)
+        emb = run_windows(model, windows) if windows else np.zeros((0, 0), np.float32)
+        yield EmbeddedFile(p, audio.size / SAMPLE_RATE, emb.astype(np.float32, copy=False))
+
+
+def build_reference(model: Model, paths: Sequence[str | Path], config: StreamConfig) -> Reference:
+    """Embed clean reference speech once, windowed exactly as live audio is.
+
+    Files without a window with enough speech add nothing; raises :class:`StoredReferenceError`
+    when none of them has one, or when one cannot be read.
+    """
+    embs = [f.embeddings for f in embed_files(model, paths, config) if f.windows]
+    if not embs:
+        raise StoredReferenceError("the reference has no window with enough speech; give clean speech")
+    return Reference(np.concatenate(embs), model.spec.name, [str(p) for p in paths])
 
 
 def references_dir() -> Path:
@@ -79,7 +124,7 @@ class StoredReference:
     hop_s: float
     min_speech: float
     vad: int
-    files: list[dict] = field(default_factory=list)  # path, sha256, duration_s, windows
+    files: list[dict[str, Any]] = field(default_factory=list)  # path, sha256, duration_s, windows
     created: str = ""
     scoreq_live: str = __version__
     format: int = FORMAT
@@ -89,38 +134,41 @@ class StoredReference:
     def windows(self) -> int:
         return sum(int(f["windows"]) for f in self.files)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("folder")
         return d
 
     def embeddings(self) -> np.ndarray:
         """The ``[windows, D]`` embeddings, checked against the metadata."""
-        path = Path(self.folder) / "embeddings.npy"
+        if self.folder is None:
+            raise StoredReferenceError(f"reference {self.name!r} is not stored yet")
+        path = self.folder / "embeddings.npy"
         try:
             emb = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise ReferenceError(f"reference {self.name!r}: cannot read {path}: {e}") from e
+            raise StoredReferenceError(f"reference {self.name!r}: cannot read {path}: {e}") from e
         if emb.ndim != 2 or emb.shape != (self.windows, self.dim) or not np.all(np.isfinite(emb)):
-            raise ReferenceError(f"reference {self.name!r}: {path} holds {list(emb.shape)}, "
-                                 f"the metadata says [{self.windows}, {self.dim}]; make it again")
+            raise StoredReferenceError(f"reference {self.name!r}: {path} holds {list(emb.shape)}, "
+                                       f"the metadata says [{self.windows}, {self.dim}]; make it again")
         return emb.astype(np.float32, copy=False)
 
     def check_model(self, model: str, sha256: str, dim: int | None) -> None:
         """Refuse to compare these embeddings with another model's (or another file's)."""
         files = " ".join(f["path"] for f in self.files)
         if model != self.model:
-            raise ReferenceError(
+            raise StoredReferenceError(
                 f"reference {self.name!r} was made with model {self.model!r}; it cannot be used with {model!r} "
                 f"(embeddings of different models are not comparable). Use --model {self.model}, or make one for "
                 f"{model}: scoreq-live reference add NAME {files} --model {model}")
         if sha256 != self.model_sha256:
-            raise ReferenceError(
+            raise StoredReferenceError(
                 f"reference {self.name!r} was made with another file of model {model!r} (sha256 "
                 f"{self.model_sha256[:12]}..., installed now: {sha256[:12]}...); make it again: "
                 f"scoreq-live reference add {self.name} {files} --model {model} --force")
         if dim is not None and dim != self.dim:
-            raise ReferenceError(f"reference {self.name!r} holds {self.dim}-d embeddings, {model!r} makes {dim}-d ones")
+            raise StoredReferenceError(
+                f"reference {self.name!r} holds {self.dim}-d embeddings, {model!r} makes {dim}-d ones")
 
     def to_reference(self) -> Reference:
         return Reference(self.embeddings(), self.model, [f["path"] for f in self.files])
@@ -134,7 +182,7 @@ class ReferenceStore:
 
     def folder(self, name: str) -> Path:
         if not NAME_RE.match(name or ""):
-            raise ReferenceError(f"bad reference name {name!r}: use letters, digits, '.', '_', '-' (up to 64)")
+            raise StoredReferenceError(f"bad reference name {name!r}: use letters, digits, '.', '_', '-' (up to 64)")
         return self.root / name
 
     def names(self) -> list[str]:
@@ -151,13 +199,14 @@ class ReferenceStore:
         meta = folder / "reference.json"
         if not meta.is_file():
             have = ", ".join(self.names()) or "none"
-            raise ReferenceError(f"no stored reference {name!r} (stored: {have}; see 'scoreq-live reference list')")
+            raise StoredReferenceError(
+                f"no stored reference {name!r} (stored: {have}; see 'scoreq-live reference list')")
         try:
             data = json.loads(meta.read_text())
             known = set(StoredReference.__dataclass_fields__) - {"folder"}
             return StoredReference(**{k: v for k, v in data.items() if k in known}, folder=folder)
         except (OSError, ValueError, TypeError) as e:
-            raise ReferenceError(f"reference {name!r}: unreadable metadata {meta}: {e}") from e
+            raise StoredReferenceError(f"reference {name!r}: unreadable metadata {meta}: {e}") from e
 
     def list(self) -> list[StoredReference]:
         return [self.get(n) for n in self.names()]
@@ -165,38 +214,32 @@ class ReferenceStore:
     def remove(self, name: str) -> None:
         folder = self.folder(name)
         if not (folder / "reference.json").is_file():
-            raise ReferenceError(f"no stored reference {name!r}")
+            raise StoredReferenceError(f"no stored reference {name!r}")
         shutil.rmtree(folder)
 
     def add(self, name: str, files: Sequence[str | Path], model: Model, config: StreamConfig, model_sha256: str,
             replace: bool = False) -> StoredReference:
         """Embed clean files once (windowed as live audio is) and store them under ``name``."""
-        from scoreq_live.offline import speech_windows
-
         folder = self.folder(name)
         if (folder / "reference.json").is_file() and not replace:
             old = self.get(name)
-            raise ReferenceError(f"reference {name!r} exists (made with {old.model} on {old.created}); "
-                                 "give --force to replace it")
+            raise StoredReferenceError(f"reference {name!r} exists (made with {old.model} on {old.created}); "
+                                       "give --force to replace it")
         spec = model.spec
         if spec.kind != "embedding":
-            raise ReferenceError(f"model {spec.name!r} predicts a MOS; a reference needs an embedding model "
-                                 "(e.g. scoreq-natural-ref)")
+            raise StoredReferenceError(f"model {spec.name!r} predicts a MOS; a reference needs an embedding model "
+                                       "(e.g. scoreq-natural-ref)")
         if not files:
-            raise ReferenceError("give at least one clean speech file")
-        embs, info = [], []
-        for f in map(Path, files):
-            try:
-                audio = load_audio(f)
-            except AudioError as e:
-                raise ReferenceError(str(e)) from e
-            windows = speech_windows(audio, config)
-            if not windows:
-                raise ReferenceError(f"{f}: no window with enough speech ({config.min_speech:.0%} of "
-                                     f"{config.window_s:g} s); a reference must be clean speech")
-            embs.append(run_windows(model, windows))
-            info.append({"path": str(f.resolve()), "sha256": file_digest(f, "sha256"),
-                         "duration_s": round(audio.size / SAMPLE_RATE, 3), "windows": len(windows)})
+            raise StoredReferenceError("give at least one clean speech file")
+        embs: list[np.ndarray] = []
+        info: list[dict[str, Any]] = []
+        for f in embed_files(model, files, config):
+            if not f.windows:
+                raise StoredReferenceError(f"{f.path}: no window with enough speech ({config.min_speech:.0%} of "
+                                           f"{config.window_s:g} s); a reference must be clean speech")
+            embs.append(f.embeddings)
+            info.append({"path": str(f.path.resolve()), "sha256": file_digest(f.path, "sha256"),
+                         "duration_s": round(f.duration_s, 3), "windows": f.windows})
         emb = np.concatenate(embs).astype(np.float32)
         ref = StoredReference(name=name, model=spec.name, model_sha256=model_sha256, dim=int(emb.shape[1]),
                               window_s=config.window_s, hop_s=config.hop_s, min_speech=config.min_speech,
@@ -208,13 +251,13 @@ class ReferenceStore:
         tmp.mkdir()
         np.save(tmp / "embeddings.npy", emb, allow_pickle=False)
         write_json_atomic(tmp / "reference.json", ref.to_dict())
-        old = None
+        replaced: Path | None = None
         if folder.exists():
-            old = self.root / f".{name}.old{os.getpid()}"
-            os.replace(folder, old)
+            replaced = self.root / f".{name}.old{os.getpid()}"
+            os.replace(folder, replaced)
         os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         ref.folder = folder
         return ref
 

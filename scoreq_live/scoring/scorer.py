@@ -8,11 +8,12 @@ with ``spec``, ``mode``, ``name`` and a blocking ``score(windows)`` fits.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from scoreq_live.scoring.spec import ModelSpec
+from scoreq_live.scoring.spec import Mode, ModelSpec
 
 
 class Model(Protocol):
@@ -42,7 +43,8 @@ def pad_window(window: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return out
 
 
-def batches(windows: Sequence[np.ndarray], spec: ModelSpec, max_batch: int):
+def batches(windows: Sequence[np.ndarray], spec: ModelSpec, max_batch: int
+            ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Group windows by padded length and split into runs of at most ``max_batch``.
 
     Yields ``(indices, batch)``; windows of one length share a run because
@@ -110,7 +112,7 @@ class Scorer:
         self.max_batch = max(1, max_batch)
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.spec.mode
 
     @property

@@ -13,18 +13,17 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from scoreq_live.scoring.spec import ModelError, ModelSpec
+from scoreq_live.scoring.spec import DEVICES, Device, ModelError, ModelSpec
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 
-
-def _providers(device: str) -> list:
+def _providers(device: Device) -> list[str]:
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -57,14 +56,14 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def _dim(d) -> int | None:
+def _dim(d: object) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
 class OnnxModel:
     """Runs ``[batch, samples]`` float32 batches through an ONNX file that fits :class:`ModelSpec`."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, device: Device = "auto", threads: int | None = None) -> None:
         if spec.file is None or not Path(spec.file).is_file():
             raise ModelError(f"model {spec.name!r}: file not found: {spec.file}")
         providers = _providers(device)
@@ -77,10 +76,10 @@ class OnnxModel:
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise ModelError("--device cuda: the CUDA provider failed to load (see onnxruntime's log)")
-        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.spec, self.output_dim = self._check_contract(spec)
         self._binding = self.session.io_binding()
-        self._buffers: dict[tuple[int, int], tuple[ort.OrtValue, ort.OrtValue]] = {}
+        self._buffers: dict[tuple[int, int], tuple[ort.OrtValue, ort.OrtValue | None]] = {}
 
     def _check_contract(self, spec: ModelSpec) -> tuple[ModelSpec, int | None]:
         inputs = self.session.get_inputs()
@@ -96,7 +95,8 @@ class OnnxModel:
                 raise ModelError(f"{where}: no input named {spec.input_name!r} (has {[i.name for i in inputs]})")
             inp = match[0]
         if len(inp.shape) != 2:
-            raise ModelError(f"{where}: input {inp.name!r} must be [batch, samples], has rank {len(inp.shape)} {inp.shape}")
+            raise ModelError(
+                f"{where}: input {inp.name!r} must be [batch, samples], has rank {len(inp.shape)} {inp.shape}")
         if inp.type != "tensor(float)":
             raise ModelError(f"{where}: input {inp.name!r} must be float32, is {inp.type}")
         if spec.output_name is None:
@@ -129,7 +129,7 @@ class OnnxModel:
     def describe(self) -> str:
         return f"{self.spec.name} on {self.device.upper()} ({self.provider})"
 
-    def _buffers_for(self, batch: int, length: int) -> tuple[ort.OrtValue, ort.OrtValue]:
+    def _buffers_for(self, batch: int, length: int) -> tuple[ort.OrtValue, ort.OrtValue | None]:
         key = (batch, length)
         if key not in self._buffers:
             dev = "cuda" if self.device == "cuda" else "cpu"

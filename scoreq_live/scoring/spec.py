@@ -11,18 +11,31 @@ a message that says what is wrong.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, get_args
+
+from scoreq_live.core.events import Mode
+from scoreq_live.errors import ScoreqLiveError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]  # installed only before 3.11
 
-KINDS = ("mos", "embedding")
+__all__ = ["DEVICES", "KINDS", "Device", "Kind", "Mode", "ModelError", "ModelSpec", "load_spec_file"]
+
+Kind = Literal["mos", "embedding"]
+"""What a model outputs: a MOS per window, or an embedding per window."""
+Device = Literal["auto", "cpu", "cuda"]
+"""Where a model runs (``auto``: CUDA when onnxruntime has a usable CUDA provider, else the CPU)."""
+# Mode ("nr" | "ref": the scoring mode a model serves) is defined with the events and re-exported here.
+
+KINDS: tuple[Kind, ...] = get_args(Kind)
+DEVICES: tuple[Device, ...] = get_args(Device)
 
 
-class ModelError(Exception):
+class ModelError(ScoreqLiveError):
     """A model file is missing, unreadable, or does not fit the contract."""
 
 
@@ -30,7 +43,7 @@ class ModelError(Exception):
 class ModelSpec:
     name: str
     file: Path | None
-    kind: str = "mos"  # mos | embedding
+    kind: Kind = "mos"
     input_name: str | None = None  # None: the model's only input
     output_name: str | None = None  # None: the model's first output
     sample_rate: int = 16_000
@@ -58,13 +71,29 @@ class ModelSpec:
             raise ModelError(f"model {self.name!r}: output_dim {self.output_dim} does not fit kind {self.kind!r}")
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         """The scoring mode this model serves: nr (MOS) or ref (embedding distance)."""
         return "nr" if self.kind == "mos" else "ref"
 
     @property
     def default_window_s(self) -> float:
         return self.window_s if self.window_s is not None else self.native_window_s
+
+    def windowing(self, window_s: float | None = None, hop_s: float | None = None) -> tuple[float, float]:
+        """The window and hop (seconds) to cut audio with: the ones asked for, else this model's defaults.
+
+        The one place the defaults are worked out (monitor, ``score``, references, quantize):
+        the model's default window, and its hop but never longer than the window.  Raises
+        :class:`ModelError` for a window the model cannot take or a hop outside ``(0, window]``.
+        """
+        window = window_s if window_s is not None else self.default_window_s
+        hop = hop_s if hop_s is not None else min(self.hop_s, window)
+        if self.input_samples and window * self.sample_rate > self.input_samples + 0.5:
+            raise ModelError(f"--window {window:g}s is longer than {self.name}'s fixed input "
+                             f"({self.input_samples / self.sample_rate:g}s)")
+        if hop <= 0 or window <= 0 or hop > window:
+            raise ModelError(f"need 0 < hop <= window (got window {window:g}s, hop {hop:g}s)")
+        return window, hop
 
     def padded_length(self, n: int) -> int:
         """Length of the model input for a window of ``n`` samples."""
@@ -73,7 +102,7 @@ class ModelSpec:
         m = self.pad_multiple
         return max(m, -(-n // m) * m)
 
-    def with_file(self, file: Path) -> "ModelSpec":
+    def with_file(self, file: str | Path) -> ModelSpec:
         return replace(self, file=Path(file))
 
 

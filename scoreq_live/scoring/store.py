@@ -26,16 +26,23 @@ import datetime as _dt
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 import platformdirs
 
 from scoreq_live import __version__
 from scoreq_live.scoring.download import (
-    DownloadError, Progress, download, fetch_record, file_digest, part_path, record_page_url,
+    DownloadError,
+    Progress,
+    download,
+    fetch_record,
+    file_digest,
+    part_path,
+    record_page_url,
 )
 from scoreq_live.scoring.spec import ModelError, ModelSpec
 
@@ -66,7 +73,7 @@ def manifest_path(model_file: Path) -> Path:
     return model_file.with_name(model_file.name + ".json")
 
 
-def read_manifest(model_file: Path) -> dict | None:
+def read_manifest(model_file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(manifest_path(model_file).read_text())
     except (OSError, ValueError):
@@ -82,7 +89,7 @@ def is_installed(model_file: Path | None) -> bool:
     return m is not None and m.get("size") == model_file.stat().st_size
 
 
-def write_json_atomic(path: Path, data) -> None:
+def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
@@ -109,7 +116,7 @@ def file_lock(target: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def install(staged: Path, dest: Path, manifest: dict) -> Path:
+def install(staged: Path, dest: Path, manifest: dict[str, Any]) -> Path:
     """Move a verified file into place (atomic rename), then write its manifest."""
     manifest_path(dest).unlink(missing_ok=True)  # never a manifest that vouches for a file being replaced
     os.replace(staged, dest)
@@ -133,14 +140,21 @@ def fingerprint(model_file: Path) -> str:
     model_file = Path(model_file).resolve()
     st = model_file.stat()
     m = read_manifest(model_file)
-    if m and m.get("size") == st.st_size and m.get("sha256"):
-        return m["sha256"]
+    if m and m.get("size") == st.st_size and isinstance(m.get("sha256"), str):
+        return str(m["sha256"])
     cached = _fingerprints.get(model_file)
     if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
         return cached[2]
     digest = file_digest(model_file, "sha256")
     _fingerprints[model_file] = (st.st_size, st.st_mtime_ns, digest)
     return digest
+
+
+def store_path(spec: ModelSpec) -> Path:
+    """Where a catalogue model's file lives in the store."""
+    if spec.file is None:
+        raise ModelError(f"model {spec.name!r} has no file")
+    return Path(spec.file)
 
 
 def check_contract(spec: ModelSpec, path: Path) -> None:
@@ -153,7 +167,8 @@ def check_contract(spec: ModelSpec, path: Path) -> None:
     except ModelError as e:
         raise ModelError(f"{where}: {e}") from e
     if spec.output_dim and model.output_dim and model.output_dim != spec.output_dim:
-        raise ModelError(f"{where}: it outputs [batch, {model.output_dim}], the contract says [batch, {spec.output_dim}]")
+        raise ModelError(
+            f"{where}: it outputs [batch, {model.output_dim}], the contract says [batch, {spec.output_dim}]")
     # One second of faint noise, padded as the contract says: the file must run and answer sensibly.
     x = (0.01 * np.random.default_rng(0).standard_normal(spec.sample_rate)).astype(np.float32)
     batch = np.zeros((1, spec.padded_length(x.size)), np.float32)
@@ -189,7 +204,7 @@ def pull(spec: ModelSpec, published: PublishedFile, mirror: str | None = None, p
     ``force``).  Raises :class:`ModelError` whose message says what failed
     and, when the source cannot be reached, how to import the file instead.
     """
-    dest = Path(spec.file)
+    dest = store_path(spec)
     with file_lock(dest):
         if is_installed(dest) and not force:
             return dest
@@ -253,7 +268,7 @@ def import_file(spec: ModelSpec, published: PublishedFile, src: Path, md5: str |
     if got != expected:
         raise ModelError(f"{src}: md5 {got} does not match {against}")
     check_contract(spec, src)
-    dest = Path(spec.file)
+    dest = store_path(spec)
     with file_lock(dest):
         staged = part_path(dest)
         shutil.copyfile(src, staged)
@@ -269,10 +284,10 @@ def variant_path(original: Path, variant: str) -> Path:
     return models_dir() / f"{Path(original).stem}.{variant}.onnx"
 
 
-def installed_variants() -> list[tuple[Path, dict]]:
+def installed_variants() -> list[tuple[Path, dict[str, Any]]]:
     """Every variant in the model folder, with its manifest."""
     root = models_dir()
-    out = []
+    out: list[tuple[Path, dict[str, Any]]] = []
     if root.is_dir():
         for m in sorted(root.glob("*.onnx.json")):
             model_file = m.with_name(m.name[: -len(".json")])

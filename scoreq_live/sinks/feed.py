@@ -16,13 +16,28 @@ from __future__ import annotations
 import heapq
 import json
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from scoreq_live import __version__
 from scoreq_live.core.events import (
-    SCHEMA_VERSION, AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted,
+    SCHEMA_VERSION,
+    AlertEvent,
+    ClearedEvent,
+    Event,
+    InputDropped,
+    Mode,
+    ScoreEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+    StreamState,
+    state_after,
 )
+from scoreq_live.errors import ScoreqLiveError
+from scoreq_live.queues import DropOldest
+from scoreq_live.sinks.bands import Bands
 
 ALL = None  # a subscription to every stream
 MAX_SUBSCRIBED = 1000  # names in one subscription
@@ -33,18 +48,9 @@ def _frame(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def default_bands(mode: str, bands: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Colour bands for the panel: ``good`` and ``fair`` limits and which way is better.
-
-    nr: MOS >= good is good, >= fair is fair, else poor (default 4.0 / 3.0).
-    ref: distance <= good is good, <= fair is fair, else poor; there is no
-    default scale for distances, so without ``bands`` both are None.
-    """
-    if mode == "nr":
-        good, fair = bands or (4.0, 3.0)
-        return {"good": good, "fair": fair, "lower_is_better": False}
-    good, fair = bands or (None, None)
-    return {"good": good, "fair": fair, "lower_is_better": True}
+def default_bands(mode: Mode, bands: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Colour bands for the panel as ``hello`` carries them (see :class:`scoreq_live.sinks.bands.Bands`)."""
+    return Bands.for_mode(mode, bands).to_dict()
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,14 @@ class FeedInfo:
     """What ``hello`` says about the monitor."""
 
     model: str
-    mode: str
+    mode: Mode
     window_s: float
     hop_s: float
     bands: dict[str, Any] = field(default_factory=dict)
     server: str = f"scoreq-live {__version__}"
 
 
-class SubscriptionError(ValueError):
+class SubscriptionError(ScoreqLiveError):
     """A subscription the feed cannot take; the message says why."""
 
 
@@ -93,15 +99,20 @@ class FeedClient:
         self.streams = streams
         self.maxsize = maxsize
         self._snapshot: list[bytes] = []  # hello + history + history_end: sent whole, never dropped
-        self._queue: deque[bytes] = deque()
+        self._queue: DropOldest[bytes] = DropOldest(maxsize)  # drop-oldest: the newest state matters most
         self._unreported = 0  # frames lost since the last `dropped` notice
-        self.dropped = 0  # frames lost in all
+        self._lost_upstream = 0  # frames the feed itself missed (its bus subscription overflowed)
         self.pending_since: float | None = None  # when frames started waiting untaken
         self.on_ready: Callable[[], None] | None = None  # called when frames become available
         self.closed = False
 
     def wants(self, stream: str) -> bool:
         return self.streams is None or stream in self.streams
+
+    @property
+    def dropped(self) -> int:
+        """Frames this client lost in all: dropped from its queue, or missed by the feed."""
+        return self._queue.dropped + self._lost_upstream
 
     @property
     def pending(self) -> int:
@@ -115,16 +126,13 @@ class FeedClient:
                 self.on_ready()
 
     def _put(self, frame: bytes, now: float) -> None:
-        if len(self._queue) >= self.maxsize:
-            self._queue.popleft()  # drop-oldest: the newest state matters most to a dashboard
+        if self._queue.put(frame):
             self._unreported += 1
-            self.dropped += 1
-        self._queue.append(frame)
         self._ready(now)
 
     def _lost(self, n: int, now: float) -> None:
         self._unreported += n
-        self.dropped += n
+        self._lost_upstream += n
         self._ready(now)
 
     def take(self, now: float) -> list[bytes]:
@@ -134,8 +142,7 @@ class FeedClient:
         if self._unreported:
             out.append(_frame({"v": SCHEMA_VERSION, "type": "dropped", "count": self._unreported}))
             self._unreported = 0
-        out.extend(self._queue)
-        self._queue.clear()
+        out.extend(self._queue.take_all())
         self.pending_since = None
         return out
 
@@ -143,13 +150,13 @@ class FeedClient:
 @dataclass
 class _Stream:
     name: str
-    state: str = "live"  # live | ended | error | stopped
+    state: StreamState = "live"
     source: str = ""
     detail: str = ""
     error: str | None = None
     started: tuple[int, bytes] | None = None  # kept whatever its age: it says what the stream is
-    timeline: deque = field(default_factory=deque)  # (seq, stream time, frame)
-    errors: deque = field(default_factory=lambda: deque(maxlen=10))  # (seq, frame)
+    timeline: deque[tuple[int, float, bytes]] = field(default_factory=deque)  # (seq, stream time, frame)
+    errors: deque[tuple[int, bytes]] = field(default_factory=lambda: deque(maxlen=10))  # (seq, frame)
     ended_at: float | None = None  # hub time the stream ended, for forgetting it later
 
     def info(self) -> dict[str, Any]:
@@ -217,25 +224,27 @@ class FeedHub:
 
     def _record(self, ev: Event, seq: int, frame: bytes, now: float) -> None:
         if isinstance(ev, StreamStarted):
-            s = self.streams[ev.stream] = _Stream(ev.stream, source=ev.source, detail=ev.detail)  # a restart starts clean
+            # A stream that starts again starts clean.
+            s = self.streams[ev.stream] = _Stream(ev.stream, source=ev.source, detail=ev.detail)
             s.started = (seq, frame)
             self._expire(now)
             return
         s = self._stream(ev.stream)
+        state = state_after(ev)
+        if state is not None:
+            s.state, s.ended_at = state, (None if state == "live" else now)
         if isinstance(ev, ScoreEvent):
             self._keep(s, seq, ev.t_end, frame)
-        elif isinstance(ev, ClearedEvent):
-            self.alerts.pop(ev.id, None)
-            self._keep(s, seq, ev.t, frame)
         elif isinstance(ev, AlertEvent):
             self.alerts[ev.id] = ev.to_dict()
             self._keep(s, seq, ev.t, frame)
-        elif isinstance(ev, StreamEnded):
-            s.state = {"eof": "ended"}.get(ev.reason, ev.reason)
-            s.ended_at = now
+        elif isinstance(ev, ClearedEvent):
+            self.alerts.pop(ev.id, None)
+            self._keep(s, seq, ev.t, frame)
+        elif isinstance(ev, (StreamEnded, InputDropped)):
             self._keep(s, seq, ev.t, frame)
         elif isinstance(ev, StreamError):
-            s.state, s.error, s.ended_at = "error", ev.error, now
+            s.error = ev.error
             s.errors.append((seq, frame))
 
     def _keep(self, s: _Stream, seq: int, t: float, frame: bytes) -> None:
@@ -287,10 +296,11 @@ class FeedHub:
 
     def handle_message(self, client: FeedClient, data: str | bytes, now: float) -> None:
         """A message from a client; a bad one gets an ``error`` frame, the connection stays."""
+        msg: Any
         try:
             msg = json.loads(data)
         except (ValueError, UnicodeDecodeError):
-            return self._error(client, "messages are JSON objects, e.g. {\"type\":\"subscribe\",\"streams\":[\"a\"]}", now)
+            return self._error(client, 'messages are JSON objects, e.g. {"type":"subscribe","streams":["a"]}', now)
         if not isinstance(msg, dict) or msg.get("type") != "subscribe":
             kind = msg.get("type") if isinstance(msg, dict) else None
             return self._error(client, f"unknown message type {kind!r}; the feed accepts 'subscribe'", now)

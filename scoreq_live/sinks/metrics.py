@@ -9,32 +9,55 @@ scoreq-live in another program never mixes them with that program's.
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from scoreq_live import __version__
-from scoreq_live.bus import Subscription
-from scoreq_live.core.events import (
-    AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted,
-)
+from scoreq_live.bus import EventBus, Subscription
+from scoreq_live.core.events import AlertEvent, ClearedEvent, Event, InputDropped, ScoreEvent, state_after
+from scoreq_live.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from scoreq_live.engine import Engine
+    from scoreq_live.sinks.feed import FeedHub
 
 # Model runs take ~10 ms (GPU, small batch) to seconds (CPU, large batch).
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+class _Registry(CollectorRegistry):
+    """A registry whose exposition leaves out the ``_created`` twin of every counter and histogram.
+
+    Those time stamps would double the series of every per-stream counter.
+    prometheus-client's own switch for them (``disable_created_metrics``) is
+    process-wide, which an embedded monitor must not change for its host
+    program, so they are filtered here, for this registry only.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            if any(s.name.endswith("_created") for s in metric.samples):
+                metric = copy.copy(metric)
+                metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
 class _Pulled:
     """Values read at scrape time from the feed and the other consumers (no bookkeeping on the hot path)."""
 
     def __init__(self) -> None:
-        self.hub = None
-        self.bus = None
+        self.hub: FeedHub | None = None
+        self.bus: EventBus | None = None
         self.drops: dict[str, Callable[[], int]] = {}
 
-    def collect(self):
+    def collect(self) -> list[Metric]:
         clients = GaugeMetricFamily("scoreq_live_connected_clients", "Websocket clients connected to the feed")
         dropped = CounterMetricFamily("scoreq_live_events_dropped", "Events dropped because a consumer fell "
                                       "behind (websocket: all feed clients together; others: the sink)",
@@ -57,11 +80,11 @@ class _Pulled:
         return [clients, dropped, gone]
 
 
-class MetricsSink:
+class MetricsSink(Sink):
     """Keeps the Prometheus metrics up to date from the event stream; :meth:`render` serves them."""
 
     def __init__(self, model: str = "", mode: str = "") -> None:
-        self.registry = r = CollectorRegistry()
+        self.registry = r = _Registry()
         per = ["stream"]
         self.mos = Gauge("scoreq_live_mos", "MOS (1-5) of the latest scored window (mode nr)", per, registry=r)
         self.mos_smoothed = Gauge("scoreq_live_mos_smoothed", "Smoothed MOS (mode nr)", per, registry=r)
@@ -79,6 +102,8 @@ class MetricsSink:
         self.alert_active = Gauge("scoreq_live_alert_active", "1 while an alert is raised on a stream",
                                   ["stream", "rule"], registry=r)
         self.alerts = Counter("scoreq_live_alerts", "Alerts raised", ["rule"], registry=r)
+        self.input_dropped = Counter("scoreq_live_input_dropped_seconds", "Input audio lost before the monitor got "
+                                     "it (sound-card blocks dropped while the event loop stalled)", per, registry=r)
         self.streams = Gauge("scoreq_live_streams", "Streams now live", registry=r)
         self.inference = Histogram("scoreq_live_inference_seconds", "Duration of one model run (a batch of "
                                    "windows)", buckets=INFERENCE_BUCKETS, registry=r)
@@ -95,12 +120,12 @@ class MetricsSink:
 
     # -- sources of numbers ---------------------------------------------------------
 
-    def attach(self, engine) -> None:
+    def attach(self, engine: Engine) -> None:
         """Observe the engine's model runs and the bus consumers' drops."""
         engine.batch_observers.append(self.observe_batch)
         self._pulled.bus = engine.bus
 
-    def watch_feed(self, hub) -> None:
+    def watch_feed(self, hub: FeedHub) -> None:
         """Report the feed's clients and drops (read at scrape time)."""
         self._pulled.hub = hub
 
@@ -130,19 +155,22 @@ class MetricsSink:
             self.speech.labels(s).set(ev.speech)
             self.level.labels(s).set(ev.level_dbfs)
             self.latency.labels(s).set(ev.latency_ms / 1000.0)
-        elif isinstance(ev, ClearedEvent):
-            self._drop_alert(s, ev.rule)
         elif isinstance(ev, AlertEvent):
             self.alert_active.labels(s, ev.rule).set(1)
             self._alerts.add((s, ev.rule))
             self.alerts.labels(ev.rule).inc()
-        elif isinstance(ev, StreamStarted):
-            self._live.add(s)
+        elif isinstance(ev, ClearedEvent):
+            self._drop_alert(s, ev.rule)
+        elif isinstance(ev, InputDropped):
+            self.input_dropped.labels(s).inc(ev.dropped_s)
+        state = state_after(ev)
+        if state is not None:
+            if state == "live":
+                self._live.add(s)
+            else:
+                self._live.discard(s)
+                self._forget(s)
             self.streams.set(len(self._live))
-        elif isinstance(ev, (StreamEnded, StreamError)):
-            self._live.discard(s)
-            self.streams.set(len(self._live))
-            self._forget(s)
 
     def _drop_alert(self, stream: str, rule: str) -> None:
         if (stream, rule) in self._alerts:
@@ -152,7 +180,7 @@ class MetricsSink:
     def _forget(self, stream: str) -> None:
         """Remove every series of an ended stream (bounded cardinality)."""
         for g in (self.mos, self.mos_smoothed, self.distance, self.distance_smoothed, self.speech,
-                  self.level, self.latency):
+                  self.level, self.latency, self.input_dropped):
             try:
                 g.remove(stream)
             except KeyError:
@@ -162,8 +190,8 @@ class MetricsSink:
         for st, rule in [a for a in self._alerts if a[0] == stream]:
             self._drop_alert(st, rule)
 
-    async def run(self, sub: Subscription) -> None:
-        async for ev in sub:
+    async def run(self, events: Subscription) -> None:
+        async for ev in events:
             self.update(ev)
 
     def render(self) -> tuple[bytes, str]:

@@ -7,20 +7,30 @@ it into a rich table, so the panel can be rendered to text in tests with
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from scoreq_live.bus import Subscription
 from scoreq_live.core.events import (
-    AlertEvent, ClearedEvent, Event, ScoreEvent, StreamEnded, StreamError, StreamStarted,
+    AlertEvent,
+    ClearedEvent,
+    Event,
+    InputDropped,
+    Mode,
+    ScoreEvent,
+    StreamError,
+    StreamStarted,
+    state_after,
 )
+from scoreq_live.sinks.bands import Bands
+from scoreq_live.sinks.base import Sink
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY_S = 60.0
@@ -31,7 +41,7 @@ class StreamRow:
     name: str
     state: str = "starting"
     source: str = ""
-    mode: str = "nr"
+    mode: Mode = "nr"
     model: str = ""
     value: float | None = None
     smoothed: float | None = None
@@ -40,7 +50,8 @@ class StreamRow:
     reason: str | None = None
     t: float = 0.0
     error: str = ""
-    history: deque = field(default_factory=deque)  # (t_end, value or None)
+    dropped_s: float = 0.0  # input lost before the monitor got it
+    history: deque[tuple[float, float | None]] = field(default_factory=deque)  # (t_end, value or None)
 
 
 class PanelState:
@@ -56,15 +67,18 @@ class PanelState:
         return self.rows[name]
 
     def update(self, ev: Event) -> None:
-        if isinstance(ev, ClearedEvent):
-            self.alerts.pop(ev.id, None)
-            return
         if isinstance(ev, AlertEvent):
             self.alerts[ev.id] = ev
             return
+        if isinstance(ev, ClearedEvent):
+            self.alerts.pop(ev.id, None)
+            return
         r = self.row(ev.stream)
+        state = state_after(ev)
+        if state is not None:
+            r.state = state
         if isinstance(ev, StreamStarted):
-            r.state, r.source, r.mode, r.model = "live", ev.source, ev.mode, ev.model
+            r.source, r.mode, r.model = ev.source, ev.mode, ev.model
         elif isinstance(ev, ScoreEvent):
             r.mode, r.model = ev.mode, ev.model
             r.value = ev.value
@@ -73,13 +87,14 @@ class PanelState:
             r.history.append((ev.t_end, ev.value))
             while r.history and r.history[0][0] < ev.t_end - HISTORY_S:
                 r.history.popleft()
-        elif isinstance(ev, StreamEnded):
-            r.state = "ended" if ev.reason == "eof" else ev.reason
         elif isinstance(ev, StreamError):
-            r.state, r.error = "error", ev.error
+            r.error = ev.error
+        elif isinstance(ev, InputDropped):
+            r.dropped_s = ev.total_s
 
 
-def sparkline(history, lo: float, hi: float, width: int, span: float = HISTORY_S) -> str:
+def sparkline(history: Iterable[tuple[float, float | None]], lo: float, hi: float, width: int,
+              span: float = HISTORY_S) -> str:
     """Unicode sparkline of ``(t, value)`` points over the last ``span`` seconds.
 
     Time is split into ``width`` buckets ending at the newest point; a bucket
@@ -111,21 +126,24 @@ def sparkline(history, lo: float, hi: float, width: int, span: float = HISTORY_S
     return "".join(out)
 
 
-def _band_style(mode: str, v: float | None) -> str:
+_STYLES = {"good": "green", "fair": "yellow", "poor": "red"}
+
+
+def _band_style(bands: Bands, v: float | None) -> str:
     if v is None:
         return "dim"
-    if mode == "nr":
-        return "green" if v >= 4.0 else "yellow" if v >= 3.0 else "red"
-    return "cyan"
+    band = bands.band(v)
+    return "cyan" if band is None else _STYLES[band]  # cyan: a distance with no --bands scale
 
 
-def _fmt(v: float | None, mode: str) -> str:
+def _fmt(v: float | None, mode: Mode) -> str:
     if v is None:
         return "–"
     return f"{v:.2f}" if mode == "nr" else f"{v:.3f}"
 
 
-def render(state: PanelState, width: int = 80) -> Table:
+def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Table:
+    """The table of streams; ``bands`` colours the scores (default: the mode's, as ``--bands`` gives them)."""
     table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
     spark_w = max(8, min(30, width - 69))
     table.add_column("stream", max_width=12, no_wrap=True, overflow="ellipsis")
@@ -137,13 +155,14 @@ def render(state: PanelState, width: int = 80) -> Table:
     table.add_column("state", width=9, no_wrap=True, overflow="ellipsis")
     table.add_column("model", max_width=10, no_wrap=True, overflow="ellipsis")
     for r in state.rows.values():
+        rb = bands if bands is not None and bands.lower_is_better == (r.mode != "nr") else Bands.for_mode(r.mode)
         if r.mode == "nr":
             lo, hi = 1.0, 5.0
         else:
             vals = [v for _, v in r.history if v is not None]
             lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         spark = sparkline(r.history, lo, hi, spark_w)
-        now = Text(_fmt(r.value, r.mode), style=_band_style(r.mode, r.value))
+        now = Text(_fmt(r.value, r.mode), style=_band_style(rb, r.value))
         if r.state == "live" and r.value is None and r.reason:
             # Say why there is no score now: a quiet call leg is not a bad one.
             state_txt = Text(r.reason.replace("_", " "), style="yellow")
@@ -151,8 +170,8 @@ def render(state: PanelState, width: int = 80) -> Table:
             state_txt = Text(r.state, style={"live": "green", "error": "bold red"}.get(r.state, "dim"))
         table.add_row(
             r.name, now,
-            Text(_fmt(r.smoothed, r.mode), style=_band_style(r.mode, r.smoothed) + " bold"),
-            Text(spark, style=_band_style(r.mode, r.smoothed)),
+            Text(_fmt(r.smoothed, r.mode), style=_band_style(rb, r.smoothed) + " bold"),
+            Text(spark, style=_band_style(rb, r.smoothed)),
             f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB", state_txt, r.model,
         )
     return table
@@ -171,27 +190,35 @@ def render_alerts(state: PanelState) -> Text | None:
     return line
 
 
-class TerminalSink:
-    """Redraws the panel a few times a second from the event stream."""
+class TerminalSink(Sink):
+    """Redraws the panel a few times a second from the event stream.
 
-    def __init__(self, console: Console | None = None, title: str = "", refresh_per_second: float = 4.0) -> None:
+    ``bands``: the colour bands (``--bands``); None: the mode's defaults.
+    """
+
+    def __init__(self, console: Console | None = None, title: str = "", refresh_per_second: float = 4.0,
+                 bands: Bands | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.state = PanelState()
         self.title = title
         self.refresh = refresh_per_second
+        self.bands = bands
 
-    def renderable(self):
+    def renderable(self) -> RenderableType:
         head = Text(self.title, style="bold") if self.title else Text("")
         errors = [Text(f"{r.name}: {r.error}", style="red") for r in self.state.rows.values() if r.error]
+        errors += [Text(f"{r.name}: {r.dropped_s:.2f}s of input dropped (the monitor fell behind the sound card)",
+                        style="yellow") for r in self.state.rows.values() if r.dropped_s]
         alerts = render_alerts(self.state)
-        return Group(head, render(self.state, self.console.width), *([alerts] if alerts else []), *errors)
+        return Group(head, render(self.state, self.console.width, self.bands), *([alerts] if alerts else []),
+                     *errors)
 
-    async def run(self, sub: Subscription) -> None:
+    async def run(self, events: Subscription) -> None:
         with Live(self.renderable(), console=self.console, refresh_per_second=self.refresh,
                   transient=False, redirect_stderr=False) as live:
-            async for ev in sub:
+            async for ev in events:
                 self.state.update(ev)
                 # Coalesce bursts: apply everything already queued before redrawing.
-                while (more := sub.get_nowait()) is not None:
+                while (more := events.get_nowait()) is not None:
                     self.state.update(more)
                 live.update(self.renderable())

@@ -9,21 +9,22 @@ the queue is full the oldest alert waiting is dropped (and counted).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import urllib.error
 import urllib.request
-from collections import deque
 from urllib.parse import urlsplit
 
 from scoreq_live import __version__
 from scoreq_live.bus import Subscription
-from scoreq_live.core.events import AlertEvent
+from scoreq_live.core.events import AlertChange
+from scoreq_live.errors import ScoreqLiveError
+from scoreq_live.queues import AsyncDropOldest
+from scoreq_live.sinks.base import Sink
 
 log = logging.getLogger(__name__)
 
 
-class WebhookError(ValueError):
+class WebhookError(ScoreqLiveError):
     """A webhook URL that cannot be used."""
 
 
@@ -35,7 +36,7 @@ def check_url(url: str) -> str:
     return url
 
 
-class WebhookSink:
+class WebhookSink(Sink):
     """Delivers alerts to ``url``.
 
     ``attempts``: tries per alert; the wait after the n-th failure is
@@ -53,26 +54,23 @@ class WebhookSink:
         self.timeout_s = timeout_s
         self.queue_size = queue_size
         self.flush_s = flush_s
-        self._queue: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._closing = False
+        self._queue: AsyncDropOldest[bytes] = AsyncDropOldest(queue_size)
         self.delivered = 0
         self.failed = 0  # alerts given up after all attempts (or refused by the endpoint)
-        self.dropped = 0  # alerts dropped because the queue was full
 
-    async def run(self, sub: Subscription) -> None:
+    @property
+    def dropped(self) -> int:
+        """Alerts dropped because the queue was full."""
+        return self._queue.dropped
+
+    async def run(self, events: Subscription) -> None:
         worker = asyncio.create_task(self._deliver_all(), name="webhook")
         try:
-            async for ev in sub:
-                if isinstance(ev, AlertEvent):  # alert and cleared
-                    if len(self._queue) >= self.queue_size:
-                        self._queue.popleft()
-                        self.dropped += 1
-                    self._queue.append(ev.to_json().encode())
-                    self._wake.set()
+            async for ev in events:
+                if isinstance(ev, AlertChange):  # alert and cleared
+                    self._queue.put(ev.to_json().encode())
             # The monitor is stopping: give what is waiting a bounded time to go out.
-            self._closing = True
-            self._wake.set()
+            self._queue.close()
             try:
                 await asyncio.wait_for(asyncio.shield(worker), self.flush_s)
             except asyncio.TimeoutError:
@@ -82,13 +80,7 @@ class WebhookSink:
             worker.cancel()
 
     async def _deliver_all(self) -> None:
-        while True:
-            while not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-            body = self._queue.popleft()
+        while (body := await self._queue.get()) is not None:
             await self._deliver(body)
 
     async def _deliver(self, body: bytes) -> None:

@@ -27,7 +27,7 @@ def parse_input(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def make_source(spec: str, fast: bool = False, loop_count: int = 1) -> Source:
+def make_source(spec: str, fast: bool = False) -> Source:
     """Build the source for one ``--input`` spec."""
     name, what = parse_input(spec)
     if what == "mic" or what.startswith("mic:"):
@@ -38,10 +38,10 @@ def make_source(spec: str, fast: bool = False, loop_count: int = 1) -> Source:
         raise SourceError(f"--input {spec!r}: no such file (inputs are 'mic', 'mic:NAME_OR_INDEX' or a file)")
     if path.is_dir():
         raise SourceError(f"--input {spec!r} is a folder; use 'scoreq-live score' for folders")
-    return FileSource(name or path.stem, path, fast=fast, loop_count=loop_count)
+    return FileSource(name or path.stem, path, fast=fast)
 
 
-def open_inputs(specs: list[str], fast: bool = False, loop_count: int = 1, check: bool = True) -> list[Source]:
+def open_inputs(specs: list[str], fast: bool = False, check: bool = True) -> list[Source]:
     """Sources for all ``--input`` flags, with unique stream names.
 
     With ``check``, each input is opened once up front, so a typo or a missing
@@ -51,7 +51,7 @@ def open_inputs(specs: list[str], fast: bool = False, loop_count: int = 1, check
     sources: list[Source] = []
     seen: dict[str, int] = {}
     for spec in specs:
-        src = make_source(spec, fast=fast, loop_count=loop_count)
+        src = make_source(spec, fast=fast)
         base = src.name
         if base in seen:
             seen[base] += 1

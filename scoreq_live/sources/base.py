@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import abc
-from typing import AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import numpy as np
 import soxr
 
 from scoreq_live.audio import to_mono_float
 from scoreq_live.core import SAMPLE_RATE
+from scoreq_live.errors import ScoreqLiveError
 
 
-class SourceError(Exception):
+class SourceError(ScoreqLiveError):
     """An input cannot be opened or has failed; the message is for the user."""
 
 
@@ -28,7 +30,8 @@ class Normaliser:
         if rate <= 0:
             raise SourceError(f"invalid sample rate {rate}")
         self.rate = rate
-        self._rs = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        self._rs = (None if rate == SAMPLE_RATE
+                    else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ"))
 
     def process(self, frames: np.ndarray, last: bool = False) -> np.ndarray:
         x = to_mono_float(frames)
@@ -59,8 +62,16 @@ class Source(abc.ABC):
         self.rate = 0
         self.channels = 0
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - optional hook: inputs that cannot fail early need nothing here
         """Fail early, with a :class:`SourceError` for the user, if the input cannot be opened."""
+
+    @property
+    def dropped_s(self) -> float:
+        """Seconds of input lost before :meth:`frames` yielded them (0 for inputs that cannot lose any).
+
+        The engine reports each increase as an ``input_dropped`` event.
+        """
+        return 0.0
 
     @abc.abstractmethod
     def frames(self) -> AsyncIterator[np.ndarray]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import TypedDict
 
 import numpy as np
 
@@ -15,7 +17,18 @@ log = logging.getLogger(__name__)
 NO_DEVICE_HINT = "use --input FILE to score a recording instead"
 
 
-def _sounddevice():
+class InputDevice(TypedDict):
+    """An input device as PortAudio sees it."""
+
+    index: int
+    name: str
+    channels: int
+    rate: int  # its default sample rate
+    default: bool
+    hostapi: str
+
+
+def _sounddevice() -> ModuleType:
     try:
         import sounddevice as sd
     except OSError as e:  # the PortAudio shared library is missing
@@ -23,7 +36,7 @@ def _sounddevice():
     return sd
 
 
-def input_devices() -> list[dict]:
+def input_devices() -> list[InputDevice]:
     """The input devices PortAudio sees, each with its index and whether it is the default."""
     sd = _sounddevice()
     try:
@@ -31,16 +44,16 @@ def input_devices() -> list[dict]:
         default = sd.default.device[0]
     except Exception as e:
         raise SourceError(f"cannot list sound devices: {e}; {NO_DEVICE_HINT}") from e
-    out = []
+    out: list[InputDevice] = []
     for i, d in enumerate(devices):
         if d["max_input_channels"] > 0:
-            out.append(dict(index=i, name=d["name"], channels=d["max_input_channels"],
-                            rate=int(d["default_samplerate"]), default=(i == default),
-                            hostapi=sd.query_hostapis(d["hostapi"])["name"]))
+            out.append(InputDevice(index=i, name=str(d["name"]), channels=int(d["max_input_channels"]),
+                                   rate=int(d["default_samplerate"]), default=(i == default),
+                                   hostapi=str(sd.query_hostapis(d["hostapi"])["name"])))
     return out
 
 
-def find_device(selector: str | None) -> dict:
+def find_device(selector: str | None) -> InputDevice:
     """Pick an input device by index, exact name or name substring (None: the default)."""
     devices = input_devices()
     if not devices:
@@ -85,7 +98,13 @@ class DeviceSource(Source):
         self.block_s = block_s
         self.queue_s = queue_s
         self.dropped_blocks = 0
+        self.dropped_frames = 0
         self.status_flags = 0
+
+    @property
+    def dropped_s(self) -> float:
+        """Audio lost because the event loop stalled until the block queue (``queue_s``) was full."""
+        return self.dropped_frames / self.rate if self.rate else 0.0
 
     def check(self) -> None:
         self.detail = find_device(self.selector)["name"]
@@ -105,8 +124,9 @@ class DeviceSource(Source):
                 queue.put_nowait(block)
             except asyncio.QueueFull:
                 self.dropped_blocks += 1
+                self.dropped_frames += len(block)
 
-        def callback(indata, frames, time, status) -> None:  # PortAudio thread
+        def callback(indata: np.ndarray, frames: int, time: object, status: object) -> None:  # PortAudio thread
             if status:
                 self.status_flags += 1
             loop.call_soon_threadsafe(put, indata.copy())

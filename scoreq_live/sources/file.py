@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import numpy as np
 import soundfile as sf
@@ -23,49 +23,46 @@ class FileSource(Source):
 
     kind = "file"
 
-    def __init__(self, name: str, path: str | Path, fast: bool = False, block_s: float = 0.02,
-                 loop_count: int = 1) -> None:
+    def __init__(self, name: str, path: str | Path, fast: bool = False, block_s: float = 0.02) -> None:
         super().__init__(name, str(path))
         self.path = Path(path)
         self.fast = fast
         self.block_s = block_s
-        self.loop_count = loop_count
 
     def check(self) -> None:
         self.open_info()
 
-    def open_info(self):
+    def open_info(self) -> tuple[int, int]:
+        """The file's sample rate and channel count; :class:`SourceError` when it cannot be read."""
         if not self.path.is_file():
             raise SourceError(f"no such file: {self.path}")
         try:
             info = sf.info(str(self.path))
         except Exception as e:
             raise SourceError(f"cannot read audio file {self.path}: {e}") from e
-        return info
+        return int(info.samplerate), int(info.channels)
 
     async def frames(self) -> AsyncIterator[np.ndarray]:
-        info = self.open_info()
-        self.rate, self.channels = int(info.samplerate), int(info.channels)
+        self.rate, self.channels = self.open_info()
         block = max(1, int(self.rate * self.block_s))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         sent = 0
-        for _ in range(self.loop_count):
-            try:
-                with sf.SoundFile(str(self.path)) as f:
-                    while True:
-                        data = f.read(block, dtype="float32", always_2d=True)
-                        if data.shape[0] == 0:
-                            break
-                        if self.fast:
-                            await asyncio.sleep(0)
-                        else:
-                            delay = t0 + (sent + data.shape[0]) / self.rate - loop.time()
-                            if delay > 0:
-                                await asyncio.sleep(delay)
-                        sent += data.shape[0]
-                        yield data
-            except SourceError:
-                raise
-            except Exception as e:
-                raise SourceError(f"error reading {self.path}: {e}") from e
+        try:
+            with sf.SoundFile(str(self.path)) as f:
+                while True:
+                    data = f.read(block, dtype="float32", always_2d=True)
+                    if data.shape[0] == 0:
+                        break
+                    if self.fast:
+                        await asyncio.sleep(0)
+                    else:
+                        delay = t0 + (sent + data.shape[0]) / self.rate - loop.time()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    sent += data.shape[0]
+                    yield data
+        except SourceError:
+            raise
+        except Exception as e:
+            raise SourceError(f"error reading {self.path}: {e}") from e
