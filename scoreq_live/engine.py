@@ -20,9 +20,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from scoreq_live.bus import EventBus
-from scoreq_live.core.events import EndReason, InputDropped, SkipReason, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import (
+    EndReason,
+    InputDropped,
+    ScoreEvent,
+    SkipReason,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+)
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
-from scoreq_live.sources.base import Source, SourceError
+from scoreq_live.sources.base import Source, SourceError, StreamSet
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +72,30 @@ _Item = tuple[StreamCore, Window] | _Stop
 
 
 class Engine:
-    """Runs sources concurrently and scores their windows in shared batches."""
+    """Runs sources concurrently and scores their windows in shared batches.
 
-    def __init__(self, scorer: BatchScorer, sources: list[Source], config: EngineConfig, bus: EventBus,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+    ``sources`` are the inputs known at start: single streams (:class:`Source`)
+    and inputs that open streams while the monitor runs (:class:`StreamSet`).
+    :meth:`attach` adds a stream at any time.  :attr:`cores` holds the live
+    streams only: an ended stream is forgotten at once (the outputs keep what
+    they show of it), so streams that come and go do not grow memory.
+    """
+
+    def __init__(self, scorer: BatchScorer, sources: Sequence[Source | StreamSet], config: EngineConfig,
+                 bus: EventBus, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.scorer = scorer
-        self.sources = sources
+        self.sources = list(sources)
         self.config = config
         self.bus = bus
         self.clock = clock
         self.wall = wall
-        self.cores: dict[str, StreamCore] = {}
+        self.cores: dict[str, StreamCore] = {}  # live streams by name
+        self._inputs: dict[str, Source] = {}  # the source of each live stream
+        self._tasks: set[asyncio.Task[None]] = set()  # pumps and stream sets still running
+        self._set_tasks: set[asyncio.Task[None]] = set()  # the stream sets' own tasks among them
+        self._idle = asyncio.Event()  # set when no task is left
+        self.streams_seen = 0  # streams attached since start
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)
         self._resolved = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
@@ -85,8 +106,57 @@ class Engine:
         self.batch_observers: list[BatchObserver] = []  # the metrics' hook
 
     def _publish_drained(self, core: StreamCore) -> None:
+        source = self._inputs.get(core.name)
         for ev in core.drain(self.clock(), self.wall()):
+            if source is not None and isinstance(ev, ScoreEvent):
+                ev.net = source.net_window(ev.t_start, ev.t_end)
             self.bus.publish(ev)
+
+    # -- streams that come and go ---------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        self._idle.clear()
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._set_tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+
+    def _unique(self, name: str) -> str:
+        if name not in self.cores:
+            return name
+        n = 2
+        while f"{name}-{n}" in self.cores:
+            n += 1
+        return f"{name}-{n}"
+
+    def attach(self, source: Source) -> asyncio.Task[None]:
+        """Run one more stream now (from inside the running engine); its name is made unique among live ones."""
+        source.name = self._unique(source.name)
+        self.cores[source.name] = StreamCore(source.name, self.config.stream)  # reserved before the task runs
+        self._inputs[source.name] = source
+        self.streams_seen += 1
+        return self._spawn(self._pump(source), f"source:{source.name}")
+
+    async def _watch(self, group: StreamSet) -> None:
+        """Attach every stream a stream set opens; its failure is reported and ends only the set."""
+        try:
+            async for source in group.streams():
+                self.attach(source)
+        except asyncio.CancelledError:
+            raise
+        except SourceError as e:
+            self.bus.publish(StreamError(stream=group.name, ts=self.wall(), error=str(e)))
+        except Exception as e:
+            log.exception("input %s failed", group.name)
+            self.bus.publish(StreamError(stream=group.name, ts=self.wall(), error=f"{type(e).__name__}: {e}"))
+        finally:
+            group.close()
 
     async def _submit(self, core: StreamCore, window: Window) -> None:
         if self.config.fast:
@@ -98,9 +168,7 @@ class Engine:
             core.resolve(window, None, OVERLOADED)
 
     async def _pump(self, source: Source) -> None:
-        cfg = self.config.stream
-        core = StreamCore(source.name, cfg)
-        self.cores[source.name] = core
+        core = self.cores[source.name]
         started = False
         end_reason: EndReason = "eof"
         lost = 0.0  # input dropped before the source got it, reported so far
@@ -118,6 +186,7 @@ class Engine:
                 self._publish_drained(core)
             for w in core.finish(self.clock()):
                 await self._submit(core, w)
+            end_reason = source.end_reason
         except asyncio.CancelledError:
             end_reason = "stopped"
         except SourceError as e:
@@ -139,6 +208,9 @@ class Engine:
                     self._started(source)
                 self.bus.publish(StreamEnded(stream=source.name, ts=self.wall(), reason=end_reason,
                                              t=core.t, windows=core.windows, scored=core.scored))
+            if self.cores.get(source.name) is core:  # forget it: the outputs keep what they show of it
+                del self.cores[source.name]
+                del self._inputs[source.name]
 
     def _started(self, source: Source) -> None:
         cfg = self.config.stream
@@ -203,19 +275,34 @@ class Engine:
         self._stop.set()
 
     async def run(self, duration: float | None = None) -> None:
-        """Run until every source has ended, :meth:`stop` is called, or ``duration`` seconds pass."""
+        """Run until every input has ended, :meth:`stop` is called, or ``duration`` seconds pass.
+
+        An input that opens streams (an RTP port) never ends by itself, so a
+        monitor with one runs until stopped or for ``duration``.
+        """
         scorer_task = asyncio.create_task(self._score_loop(), name="scorer")
-        pumps = [asyncio.create_task(self._pump(s), name=f"source:{s.name}") for s in self.sources]
+        self._idle.set()
+        for s in self.sources:
+            if isinstance(s, StreamSet):
+                self._set_tasks.add(self._spawn(self._watch(s), f"input:{s.name}"))
+            else:
+                self.attach(s)
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
-        all_ended = asyncio.gather(*pumps, return_exceptions=True)
-        either: set[asyncio.Future[Any]] = {all_ended, stopper}
+        idle = asyncio.create_task(self._idle.wait(), name="idle")
+        either: set[asyncio.Future[Any]] = {idle, stopper}
         try:
             await asyncio.wait(either, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
-            for t in pumps:
-                t.cancel()  # a no-op for pumps that have ended
-            await asyncio.gather(*pumps, return_exceptions=True)
+            idle.cancel()
+            # Stream sets first, so that they attach nothing more; then the streams.
+            for group in (self._set_tasks, self._tasks):
+                while group:
+                    batch = list(group)
+                    for t in batch:
+                        t.cancel()  # a no-op for tasks that have ended
+                    await asyncio.gather(*batch, return_exceptions=True)
+                    group.difference_update(batch)
             await self._queue.put(_STOP)
             try:
                 await scorer_task

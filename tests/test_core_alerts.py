@@ -1,10 +1,20 @@
 """Alert rules and their evaluation in stream time, driven with plain events."""
 
+import json
+
 import pytest
 
 from scoreq_live.bus import EventBus
 from scoreq_live.core.alerts import AlertEvaluator, RuleError, check_rule_mode, parse_rule
-from scoreq_live.core.events import AlertEvent, ClearedEvent, ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import (
+    AlertEvent,
+    ClearedEvent,
+    NetQuality,
+    ScoreEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+)
 
 
 def score(t, mos=None, stream="a", mode="nr", distance=None, smoothed=None, speech=0.8):
@@ -138,3 +148,33 @@ def test_the_bus_publishes_alert_events_right_after_their_cause():
     while (e := sub.get_nowait()) is not None:
         got.append((e.type, getattr(e, "t_end", getattr(e, "t", None))))
     assert got == [("score", 1.0), ("score", 2.0), ("alert", 2.0), ("score", 3.0)]
+
+
+def net(loss_pct, jitter_ms):
+    return NetQuality(codec="PCMU", expected=200, received=round(200 * (1 - loss_pct / 100)), lost=0, duplicated=0,
+                      late=0, loss_pct=loss_pct, jitter_ms=jitter_ms, concealed=loss_pct / 100, r_factor=80.0,
+                      mos_cq=4.0)
+
+
+def test_loss_and_jitter_rules_read_the_windows_network_numbers():
+    assert parse_rule("loss>5 for 10s").text == "loss_pct>5.0 for 10s"
+    assert parse_rule("jitter>30 for 10s").text == "jitter_ms>30.0 for 10s"
+    ev = AlertEvaluator([parse_rule("loss>5 for 3s"), parse_rule("jitter>30 for 3s")])
+    out = []
+    # loss 8 % for 4 windows, then 0 %; jitter 40 ms throughout; windows without net (a file) are no evidence.
+    for i, (loss, jit) in enumerate([(8, 40)] * 4 + [(0, 40)] * 5):
+        e = score(float(i + 1), 4.0)
+        e.net = net(loss, jit)
+        out += [(a.type, a.metric, a.t, a.value) for a in ev.feed(e)]
+    out += [(a.type, a.metric, a.t, a.value) for a in ev.feed(score(10.0, 4.0))]
+    assert ("alert", "loss_pct", 4.0, 8.0) in out and ("alert", "jitter_ms", 4.0, 40.0) in out
+    assert ("cleared", "loss_pct", 8.0, 0.0) in out
+    assert not any(a[0] == "cleared" and a[1] == "jitter_ms" for a in out)
+
+
+def test_score_events_carry_net_only_for_packet_streams():
+    e = score(4.0, 3.5)
+    assert "net" not in e.to_dict()
+    e.net = net(2.5, 12.3456)
+    d = json.loads(e.to_json())["net"]
+    assert d["loss_pct"] == 2.5 and d["jitter_ms"] == 12.346 and d["codec"] == "PCMU" and d["received"] == 195

@@ -51,9 +51,15 @@ METRICS = {
     "level": "level_dbfs",
     "latency_ms": "latency_ms",
     "latency": "latency_ms",
+    # Packet streams only (score events' ``net``): loss in percent, jitter in milliseconds.
+    "loss": "loss_pct",
+    "loss_pct": "loss_pct",
+    "jitter": "jitter_ms",
+    "jitter_ms": "jitter_ms",
 }
-# Default dead band, in the metric's unit: a tenth of a MOS point, 3 dB, 5 % speech.
-_ABS_MARGIN = {"mos": 0.1, "speech": 0.05, "level_dbfs": 3.0}
+NET_METRICS = frozenset({"loss_pct", "jitter_ms"})
+# Default dead band, in the metric's unit: a tenth of a MOS point, 3 dB, 5 % speech, half a point of loss.
+_ABS_MARGIN = {"mos": 0.1, "speech": 0.05, "level_dbfs": 3.0, "loss_pct": 0.5}
 # Metrics without a natural absolute scale get a margin relative to the threshold.
 _REL_MARGIN = 0.05
 
@@ -103,7 +109,10 @@ class AlertRule:
         return abs(self.threshold) * _REL_MARGIN
 
     def value(self, ev: ScoreEvent) -> float | None:
-        v = getattr(ev, METRICS[self.metric])
+        if self.metric in NET_METRICS:  # no net (not a packet stream): no evidence either way
+            v = None if ev.net is None else getattr(ev.net, self.metric)
+        else:
+            v = getattr(ev, METRICS[self.metric])
         return None if v is None or not math.isfinite(v) else float(v)
 
     def holds(self, v: float) -> bool:

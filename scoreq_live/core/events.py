@@ -18,8 +18,9 @@ Mode = Literal["nr", "ref"]
 """nr: a MOS 1-5 per window; ref: the distance to a clean reference's embeddings (lower is better)."""
 SkipReason = Literal["silent", "no_speech", "overloaded", "error", "stopped"]
 """Why a window has no score: too quiet, too little speech, the scorer was behind, it failed, the monitor stopped."""
-EndReason = Literal["eof", "stopped", "error"]
-"""Why a stream ended: its input ended, the monitor was stopped, or the input failed."""
+EndReason = Literal["eof", "stopped", "error", "inactive", "bye"]
+"""Why a stream ended: its input ended, the monitor was stopped, the input failed, no packets came for the
+timeout (RTP), or the sender said goodbye (RTCP BYE)."""
 StreamState = Literal["live", "ended", "stopped", "error"]
 """A stream's state as the outputs show it (``eof`` shows as ``ended``)."""
 
@@ -47,13 +48,45 @@ class Event:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
 
 
+@dataclass(frozen=True)
+class NetQuality:
+    """What the network did to one window of a packet stream (RTP, capture): ``score`` events' ``net``.
+
+    Packet counts are over the window's media time; ``loss_pct`` is RFC 3550
+    A.3 (expected - received, never below 0); ``jitter_ms`` the RFC 3550 A.8
+    interarrival jitter estimate, averaged over the window's packets; ``concealed`` the
+    fraction of the window's audio that is concealment for lost packets;
+    ``r_factor`` and ``mos_cq`` the ITU-T G.107 E-model's estimate from codec
+    and loss alone (what the network says, beside what the audio model says).
+    """
+
+    codec: str
+    expected: int
+    received: int
+    lost: int
+    duplicated: int
+    late: int
+    loss_pct: float
+    jitter_ms: float
+    concealed: float
+    r_factor: float
+    mos_cq: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"codec": self.codec, "expected": self.expected, "received": self.received, "lost": self.lost,
+                "duplicated": self.duplicated, "late": self.late, "loss_pct": round(self.loss_pct, 3),
+                "jitter_ms": round(self.jitter_ms, 3), "concealed": round(self.concealed, 4),
+                "r_factor": round(self.r_factor, 2), "mos_cq": round(self.mos_cq, 3)}
+
+
 @dataclass
 class ScoreEvent(Event):
     """The result for one window of one stream.
 
     ``mos`` (mode ``nr``) or ``distance`` (mode ``ref``) is None when the
     window was not scored; ``reason`` then says why (``no_speech``,
-    ``silent``, ``overloaded``, ``error``).
+    ``silent``, ``overloaded``, ``error``).  Packet streams add ``net``
+    (:class:`NetQuality`); other inputs leave it out.
     """
 
     type: ClassVar[str] = "score"
@@ -69,6 +102,7 @@ class ScoreEvent(Event):
     model: str = ""
     latency_ms: float = 0.0
     reason: SkipReason | None = None
+    net: NetQuality | None = None
 
     @property
     def value(self) -> float | None:
@@ -98,6 +132,8 @@ class ScoreEvent(Event):
             latency_ms=round(self.latency_ms, 1),
             reason=self.reason,
         )
+        if self.net is not None:
+            d["net"] = self.net.to_dict()
         return d
 
 
@@ -163,7 +199,7 @@ class AlertChange(Event):
 
     type: ClassVar[str] = "alert_change"
     rule: str = ""  # the rule in canonical form, e.g. "mos<3.0 for 10s"
-    metric: str = ""  # mos | distance | smoothed | speech | level_dbfs | latency_ms
+    metric: str = ""  # mos | distance | smoothed | speech | level_dbfs | latency_ms | loss_pct | jitter_ms
     op: str = "<"
     threshold: float = 0.0
     for_s: float = 0.0
@@ -204,7 +240,9 @@ def state_after(ev: Event) -> StreamState | None:
     if isinstance(ev, StreamStarted):
         return "live"
     if isinstance(ev, StreamEnded):
-        return "ended" if ev.reason == "eof" else ev.reason
+        if ev.reason in ("stopped", "error"):
+            return "stopped" if ev.reason == "stopped" else "error"
+        return "ended"  # eof, inactive, bye
     if isinstance(ev, StreamError):
         return "error"
     return None

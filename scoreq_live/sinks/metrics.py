@@ -105,6 +105,17 @@ class MetricsSink(Sink):
         self.input_dropped = Counter("scoreq_live_input_dropped_seconds", "Input audio lost before the monitor got "
                                      "it (sound-card blocks dropped while the event loop stalled)", per, registry=r)
         self.streams = Gauge("scoreq_live_streams", "Streams now live", registry=r)
+        self.started = Counter("scoreq_live_streams_started", "Streams started (RTP senders, calls, inputs)",
+                               registry=r)
+        # Packet streams (RTP, captures): what the network did to the latest window.
+        self.loss = Gauge("scoreq_live_packet_loss_ratio", "Fraction (0-1) of the latest window's packets lost "
+                          "(RFC 3550 A.3)", per, registry=r)
+        self.jitter = Gauge("scoreq_live_jitter_seconds", "Interarrival jitter (RFC 3550 A.8), mean over the latest "
+                            "window's packets", per, registry=r)
+        self.r_factor = Gauge("scoreq_live_r_factor", "E-model (ITU-T G.107) R factor of the latest window, from "
+                              "codec and loss", per, registry=r)
+        self.mos_cq = Gauge("scoreq_live_mos_cq", "E-model MOS-CQ of the latest window (what the network says, "
+                            "beside scoreq_live_mos)", per, registry=r)
         self.inference = Histogram("scoreq_live_inference_seconds", "Duration of one model run (a batch of "
                                    "windows)", buckets=INFERENCE_BUCKETS, registry=r)
         self.batch = Histogram("scoreq_live_batch_windows", "Windows per model run", buckets=BATCH_BUCKETS,
@@ -155,6 +166,11 @@ class MetricsSink(Sink):
             self.speech.labels(s).set(ev.speech)
             self.level.labels(s).set(ev.level_dbfs)
             self.latency.labels(s).set(ev.latency_ms / 1000.0)
+            if ev.net is not None:
+                self.loss.labels(s).set(ev.net.loss_pct / 100.0)
+                self.jitter.labels(s).set(ev.net.jitter_ms / 1000.0)
+                self.r_factor.labels(s).set(ev.net.r_factor)
+                self.mos_cq.labels(s).set(ev.net.mos_cq)
         elif isinstance(ev, AlertEvent):
             self.alert_active.labels(s, ev.rule).set(1)
             self._alerts.add((s, ev.rule))
@@ -167,6 +183,7 @@ class MetricsSink(Sink):
         if state is not None:
             if state == "live":
                 self._live.add(s)
+                self.started.inc()
             else:
                 self._live.discard(s)
                 self._forget(s)
@@ -180,7 +197,7 @@ class MetricsSink(Sink):
     def _forget(self, stream: str) -> None:
         """Remove every series of an ended stream (bounded cardinality)."""
         for g in (self.mos, self.mos_smoothed, self.distance, self.distance_smoothed, self.speech,
-                  self.level, self.latency, self.input_dropped):
+                  self.level, self.latency, self.input_dropped, self.loss, self.jitter, self.r_factor, self.mos_cq):
             try:
                 g.remove(stream)
             except KeyError:

@@ -51,13 +51,23 @@ class StreamRow:
     t: float = 0.0
     error: str = ""
     dropped_s: float = 0.0  # input lost before the monitor got it
+    ended_ts: float | None = None  # wall time it ended, for forgetting it later
+    loss_pct: float | None = None  # packet streams: the last window's loss and jitter
+    jitter_ms: float | None = None
     history: deque[tuple[float, float | None]] = field(default_factory=deque)  # (t_end, value or None)
 
 
 class PanelState:
-    """The panel's view model, updated by events."""
+    """The panel's view model, updated by events.
 
-    def __init__(self) -> None:
+    An ended stream's row stays ``forget_s`` seconds (wall time), and at most
+    ``max_ended`` ended rows stay, so streams that come and go (calls on an
+    RTP port) neither grow memory nor push the live ones off the screen.
+    """
+
+    def __init__(self, forget_s: float = 60.0, max_ended: int = 8) -> None:
+        self.forget_s = forget_s
+        self.max_ended = max_ended
         self.rows: dict[str, StreamRow] = {}
         self.alerts: dict[str, AlertEvent] = {}  # id -> the alert, while raised
 
@@ -73,17 +83,23 @@ class PanelState:
         if isinstance(ev, ClearedEvent):
             self.alerts.pop(ev.id, None)
             return
+        if isinstance(ev, StreamStarted):
+            self.rows.pop(ev.stream, None)  # a stream that starts again starts clean
         r = self.row(ev.stream)
         state = state_after(ev)
         if state is not None:
             r.state = state
+            r.ended_ts = None if state == "live" else ev.ts
         if isinstance(ev, StreamStarted):
             r.source, r.mode, r.model = ev.source, ev.mode, ev.model
+            self._forget(ev.ts)
         elif isinstance(ev, ScoreEvent):
             r.mode, r.model = ev.mode, ev.model
             r.value = ev.value
             r.smoothed = ev.smoothed
             r.speech, r.level_dbfs, r.reason, r.t = ev.speech, ev.level_dbfs, ev.reason, ev.t_end
+            if ev.net is not None:
+                r.loss_pct, r.jitter_ms = ev.net.loss_pct, ev.net.jitter_ms
             r.history.append((ev.t_end, ev.value))
             while r.history and r.history[0][0] < ev.t_end - HISTORY_S:
                 r.history.popleft()
@@ -91,6 +107,13 @@ class PanelState:
             r.error = ev.error
         elif isinstance(ev, InputDropped):
             r.dropped_s = ev.total_s
+
+    def _forget(self, now: float) -> None:
+        ended = sorted((r.ended_ts, name) for name, r in self.rows.items() if r.ended_ts is not None)
+        excess = len(ended) - self.max_ended
+        for i, (at, name) in enumerate(ended):
+            if i < excess or now - at > self.forget_s:
+                del self.rows[name]
 
 
 def sparkline(history: Iterable[tuple[float, float | None]], lo: float, hi: float, width: int,
@@ -145,13 +168,16 @@ def _fmt(v: float | None, mode: Mode) -> str:
 def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Table:
     """The table of streams; ``bands`` colours the scores (default: the mode's, as ``--bands`` gives them)."""
     table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
-    spark_w = max(8, min(30, width - 69))
+    net = any(r.loss_pct is not None for r in state.rows.values())  # packet streams: loss and jitter too
+    spark_w = max(8, min(30, width - 69 - (11 if net else 0)))
     table.add_column("stream", max_width=12, no_wrap=True, overflow="ellipsis")
     table.add_column("now", justify="right", width=5)
     table.add_column("avg", justify="right", width=5)
     table.add_column(f"last {int(HISTORY_S)}s", width=spark_w, no_wrap=True)
     table.add_column("speech", justify="right", width=6)
     table.add_column("level", justify="right", width=7)
+    if net:
+        table.add_column("loss jitter", width=10, no_wrap=True)
     table.add_column("state", width=9, no_wrap=True, overflow="ellipsis")
     table.add_column("model", max_width=10, no_wrap=True, overflow="ellipsis")
     for r in state.rows.values():
@@ -168,12 +194,16 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Ta
             state_txt = Text(r.reason.replace("_", " "), style="yellow")
         else:
             state_txt = Text(r.state, style={"live": "green", "error": "bold red"}.get(r.state, "dim"))
-        table.add_row(
+        cells: list[str | Text] = [
             r.name, now,
             Text(_fmt(r.smoothed, r.mode), style=_band_style(rb, r.smoothed) + " bold"),
             Text(spark, style=_band_style(rb, r.smoothed)),
-            f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB", state_txt, r.model,
-        )
+            f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB",
+        ]
+        if net:
+            cells.append("" if r.loss_pct is None or r.jitter_ms is None
+                         else f"{r.loss_pct:.1f}% {r.jitter_ms:.0f}ms")
+        table.add_row(*cells, state_txt, r.model)
     return table
 
 

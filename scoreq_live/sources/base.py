@@ -11,6 +11,7 @@ import soxr
 
 from scoreq_live.audio import to_mono_float
 from scoreq_live.core import SAMPLE_RATE
+from scoreq_live.core.events import EndReason, NetQuality
 from scoreq_live.errors import ScoreqLiveError
 
 
@@ -61,6 +62,12 @@ class Source(abc.ABC):
         self.detail = detail
         self.rate = 0
         self.channels = 0
+        # Why the stream ended when frames() returns normally: "eof", or for packet streams "inactive"/"bye".
+        self.end_reason: EndReason = "eof"
+
+    def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
+        """What the network did to the audio between two stream times (seconds); None for inputs without one."""
+        return None
 
     def check(self) -> None:  # noqa: B027 - optional hook: inputs that cannot fail early need nothing here
         """Fail early, with a :class:`SourceError` for the user, if the input cannot be opened."""
@@ -89,3 +96,29 @@ class Source(abc.ABC):
             tail = norm.flush()
             if tail.size:
                 yield tail
+
+
+class StreamSet(abc.ABC):
+    """An input that opens streams while the monitor runs: an RTP port (one stream per sender), a capture.
+
+    :meth:`streams` yields each new stream as a :class:`Source` when it
+    appears; the engine runs it at once and ends it as any other.  The set
+    ends when :meth:`streams` returns (a capture read to its end); a port
+    listens until the monitor stops.
+    """
+
+    kind: ClassVar[str] = "streams"
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        self.name = name
+        self.detail = detail
+
+    def check(self) -> None:  # noqa: B027 - optional hook, as Source.check
+        """Fail early, with a :class:`SourceError` for the user, if the input cannot be opened."""
+
+    @abc.abstractmethod
+    def streams(self) -> AsyncIterator[Source]:
+        """New streams as they appear; raises :class:`SourceError` if the input as a whole fails."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the set holds (sockets); called once when the engine stops."""

@@ -27,6 +27,7 @@
   const FRAME_BUDGET_MS = 10;         // leave the rest of a 16 ms frame to the browser
   const MIN_CHART_SPAN_S = 60;        // the x axis shows at least this much stream time
   const MAX_RING_POINTS = 4000;       // upper bound per stream whatever history_s / hop_s say
+  const MAX_ENDED_CARDS = 24;         // ended streams (finished calls) kept on screen, newest first
   const ALERT_LOG_MAX = 100;
   const ALERT_SPANS_MAX = 50;         // alert intervals kept per stream for the chart
   const STALE_AFTER_S = 5;            // a live stream silent this long (and > 3 hops) is marked stale
@@ -184,8 +185,10 @@
       speech: null,
       level: null,
       latency: null,
+      net: null, // packet streams: the latest window's loss, jitter, E-model
       t: null,              // stream time of the latest window
       lastSeen: 0,          // performance.now() of the latest event, for "stale"
+      endedAt: null,        // performance.now() when it ended, for forgetting it
       ring: new Ring(ringCapacity()),
       alertSpans: [],       // {key, from, to|null} in stream time, for the chart
       card: null,           // DOM and chart, made on first draw
@@ -280,6 +283,7 @@
     s.speech = num(ev.speech);
     s.level = num(ev.level_dbfs);
     s.latency = num(ev.latency_ms);
+    s.net = ev.net && typeof ev.net === "object" ? ev.net : null;
     s.t = t;
     if (s.state === "starting") s.state = "live";
     touch(s, true);
@@ -291,21 +295,37 @@
       // The same name started again: a new run, a new chart.
       s.ring.clear();
       s.alertSpans = [];
-      s.value = s.smoothed = s.reason = s.speech = s.level = s.latency = s.t = null;
+      s.value = s.smoothed = s.reason = s.speech = s.level = s.latency = s.t = s.net = null;
     }
     s.state = "live";
+    s.endedAt = null;
     s.source = ev.source || s.source;
     s.detail = ev.detail || s.detail;
     s.error = "";
     touch(s, true);
     headerDirty = true;
+    forgetEnded();
   }
 
   function onStreamEnded(ev) {
     const s = stream(ev.stream);
-    s.state = ev.reason === "eof" || !ev.reason ? "ended" : ev.reason === "error" ? "error" : "stopped";
+    s.state = ev.reason === "error" ? "error" : ev.reason === "stopped" ? "stopped" : "ended";  // eof, inactive, bye: ended
+    s.endedAt = performance.now();
     touch(s, false);
     headerDirty = true;
+  }
+
+  /** Forget streams that ended more than history_s ago, and all but the newest ended ones, as the server does. */
+  function forgetEnded() {
+    const now = performance.now();
+    const ended = [...state.streams.values()].filter((s) => s.endedAt != null).sort((a, b) => b.endedAt - a.endedAt);
+    ended.forEach((s, i) => {
+      if (i >= MAX_ENDED_CARDS || now - s.endedAt > 1000 * state.historyS) {
+        destroyCard(s);
+        dirty.delete(s);
+        state.streams.delete(s.name);
+      }
+    });
   }
 
   function onStreamError(ev) {
@@ -579,6 +599,7 @@
       levelValue: q(".level-meter .meter-value"),
       time: q(".stream-time"),
       latency: q(".latency"),
+      net: q(".net"),
       chart: null,
       cols: [[], [], [], []],
       visible: true,
@@ -632,6 +653,13 @@
       setText(c.levelValue, lv == null ? "–" : `${lv.toFixed(0)} dBFS`);
       setText(c.time, s.t == null ? "" : `t ${fmtStreamTime(s.t)}`);
       setText(c.latency, s.latency == null ? "" : `latency ${Math.round(s.latency)} ms`);
+      const n = s.net;
+      c.net.hidden = !n;
+      if (n) {
+        const loss = num(n.loss_pct), jit = num(n.jitter_ms), cq = num(n.mos_cq);
+        setText(c.net, `loss ${loss == null ? "–" : loss.toFixed(1)} % · jitter ${jit == null ? "–" :
+          Math.round(jit)} ms · net MOS ${cq == null ? "–" : cq.toFixed(2)}`);
+      }
       drawCardAlerts(s);
     }
     if (s.chartDirty) {
