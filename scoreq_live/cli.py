@@ -2,7 +2,7 @@
 
     scoreq-live [monitor] --input SPEC [--input SPEC ...] [options]
     scoreq-live demo      [options]
-    scoreq-live score     PATH... [--csv F] [--json F|-]
+    scoreq-live score     PATH... [--csv F] [--json F|-] [--rtp-port N]
     scoreq-live devices
     scoreq-live models    list|pull|import|quantize|remove ...
     scoreq-live reference add|list|show|remove ...
@@ -93,8 +93,12 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
 
 def _monitor_args(p: argparse.ArgumentParser, inputs_required: bool) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC", required=inputs_required,
-                   help="'mic', 'mic:NAME_OR_INDEX' or an audio file; repeat for several streams")
-    p.add_argument("--fast", action="store_true", help="play files as fast as scoring allows (same windows and scores)")
+                   help="'mic', 'mic:NAME_OR_INDEX', an audio file, rtp://HOST:PORT[?codec=opus&pt=111] (a stream "
+                        "per sender), an .sdp file or pcap:FILE (replay a capture); repeat for several")
+    p.add_argument("--fast", action="store_true", help="play files and captures as fast as scoring allows (same "
+                                                         "windows and scores)")
+    p.add_argument("--rtp-timeout", type=float, metavar="S",
+                   help="an RTP sender silent for S seconds has ended (default 5)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--jsonl", metavar="PATH|-", help="write every event as a JSON line")
     p.add_argument("--no-tui", action="store_true", help="no terminal panel (for services and pipes)")
@@ -112,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="monitor the bundled example recordings (no sound card, no network)")
     _monitor_args(d, inputs_required=False)
     s = sub.add_parser("score", help="score files, folders and list files offline")
-    s.add_argument("paths", nargs="+", metavar="PATH", help="audio file, folder (searched recursively) or list file")
+    s.add_argument("paths", nargs="+", metavar="PATH",
+                   help="audio file, packet capture (.pcap/.pcapng: one result per RTP stream), folder (searched "
+                        "recursively) or list file")
+    s.add_argument("--rtp-port", type=int, metavar="N", help="in captures, only RTP streams from or to UDP port N")
     s.add_argument("--csv", metavar="PATH|-", help="write one row per file")
     s.add_argument("--json", metavar="PATH|-", help="write a JSON array, one object per file, with its windows")
     s.add_argument("--no-progress", action="store_true")
@@ -152,7 +159,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
                            max_clients=a.max_clients, history_s=a.history_s)
     return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
-                          jsonl=a.jsonl, linger=a.linger)
+                          jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout)
 
 
 def demo_inputs() -> list[str]:
@@ -213,7 +220,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     from rich.table import Table
 
     from scoreq_live.monitor import load_scorer
-    from scoreq_live.offline import expand_paths, score_file, write_csv, write_json
+    from scoreq_live.offline import expand_paths, score_path, write_csv, write_json
     from scoreq_live.progress import ConsoleProgress
 
     err = Console(stderr=True)
@@ -231,7 +238,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     with Progress(console=err, disable=not show, transient=True) as progress:
         task = progress.add_task("scoring", total=len(files))
         for f in files:
-            results.append(score_file(f, scorer, config))
+            results.extend(score_path(f, scorer, config, rtp_port=a.rtp_port))
             progress.advance(task)
     key = "MOS" if config.mode == "nr" else "distance"
     table = Table(title=f"{model.describe()} · window {config.window_s:g}s hop {config.hop_s:g}s")

@@ -29,7 +29,7 @@ from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.scorer import Reference, Scorer
 from scoreq_live.sinks.bands import Bands
 from scoreq_live.sinks.base import Sink
-from scoreq_live.sources import Source, open_inputs
+from scoreq_live.sources import Input, open_inputs
 
 if TYPE_CHECKING:
     from scoreq_live.scoring.download import Progress
@@ -95,7 +95,8 @@ class FeedOptions:
 class MonitorOptions:
     """Everything a monitor is: inputs, scoring, alerts, feed and outputs."""
 
-    inputs: Sequence[str] = ()  # --input specs: 'mic', 'mic:NAME', a file, each optionally NAME=...
+    inputs: Sequence[str] = ()  # --input specs: 'mic', 'mic:NAME', a file, rtp://..., .sdp, pcap:FILE; NAME=...
+    rtp_timeout_s: float | None = None  # an RTP sender silent this long has ended (None: the default, 5 s)
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     fast: bool = False  # play files as fast as scoring allows
     duration: float | None = None  # stop after this many seconds
@@ -204,11 +205,11 @@ def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredRefere
     return files, stored
 
 
-def open_sources(opts: MonitorOptions) -> list[Source]:
-    """Every input, each opened once to check it (a typo or a missing sound card is reported now)."""
+def open_sources(opts: MonitorOptions) -> list[Input]:
+    """Every input, each opened once to check it (a typo, a missing sound card, a port in use is reported now)."""
     if not opts.inputs:
         raise ConfigError("no --input given")
-    return open_inputs(list(opts.inputs), fast=opts.fast)
+    return open_inputs(list(opts.inputs), fast=opts.fast, rtp_timeout_s=opts.rtp_timeout_s)
 
 
 def parse_alerts(rules: Sequence[str]) -> list[AlertRule]:
@@ -226,7 +227,7 @@ class Monitor:
     """
 
     options: MonitorOptions
-    sources: list[Source]
+    sources: list[Input]
     scoring: LoadedScorer
     rules: list[AlertRule]
     bands: Bands
@@ -289,7 +290,7 @@ class Monitor:
 
 
 def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: Notify | None = None,
-                  progress: Progress | None = None, sources: list[Source] | None = None,
+                  progress: Progress | None = None, sources: list[Input] | None = None,
                   scoring: LoadedScorer | None = None) -> Monitor:
     """Check the options and build every part; a :class:`ScoreqLiveError` says what is wrong.
 
@@ -360,7 +361,7 @@ def _add_feed(monitor: Monitor, feed: FeedOptions, ws: Listen | None, http: List
 
 
 async def run_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, scoring: LoadedScorer | None = None,
-                      sources: list[Source] | None = None) -> Engine:
+                      sources: list[Input] | None = None) -> Engine:
     """Build the monitor the options describe and run it (see :func:`build_monitor`)."""
     return await build_monitor(opts, sinks, scoring=scoring, sources=sources).run()
 

@@ -1,4 +1,10 @@
-"""Offline scoring of files, folders and list files, through the same stream core as the monitor."""
+"""Offline scoring of files, folders and list files, through the same stream core as the monitor.
+
+A packet capture (pcap or pcapng) is scored per RTP stream: each stream is decoded through the same
+receiver as a live RTP input (capture times as arrival times), and its audio is scored with the same
+windows; its result carries the addresses, the codec and the network numbers of the whole stream
+and of each window.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,10 @@ import contextlib
 import csv
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,8 +25,14 @@ from scoreq_live.core.stream import StreamConfig, StreamCore
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.scorer import Scorer
 
+if TYPE_CHECKING:
+    from scoreq_live.rtp.capture import Flow
+    from scoreq_live.rtp.receiver import RtpStream
+
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
+CAPTURE_EXTENSIONS = {".pcap", ".pcapng"}
+NET_KEYS = ("expected", "received", "lost", "duplicated", "late", "loss_pct", "jitter_ms", "r_factor", "mos_cq")
 
 
 class InputError(ScoreqLiveError):
@@ -28,14 +40,15 @@ class InputError(ScoreqLiveError):
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for audio, list files read (one path per line).
+    """Files as given, folders searched recursively for audio and captures, list files read (one path per line).
 
     Paths in a list file are relative to the list file; blank lines and ``#`` comments are skipped.
     """
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS))
+            wanted = AUDIO_EXTENSIONS | CAPTURE_EXTENSIONS
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in wanted))
         elif p.suffix.lower() in LIST_EXTENSIONS and p.is_file():
             for line in p.read_text().splitlines():
                 line = line.strip()
@@ -57,11 +70,18 @@ class FileResult:
     windows: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0
     error: str | None = None
+    # RTP streams of a capture: "ip:port" of sender and receiver, the codec, the whole stream's network numbers
+    src: str | None = None
+    dst: str | None = None
+    codec: str | None = None
+    net: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         key = "mos" if self.mode == "nr" else "distance"
         d: dict[str, Any] = {"file": self.file, key: None if self.value is None else round(self.value, 5),
              "duration_s": round(self.duration_s, 3), "windows": self.windows}
+        if self.src is not None:
+            d.update(src=self.src, dst=self.dst, codec=self.codec, net=self.net)
         if self.error:
             d["error"] = self.error
         return d
@@ -85,32 +105,169 @@ def score_file(path: Path, scorer: Scorer, config: StreamConfig) -> FileResult:
     except AudioError as e:
         res.error = str(e)
         return res
+    _score_audio(res, audio, scorer, config, path.stem)
+    return res
+
+
+def _score_audio(res: FileResult, audio: np.ndarray, scorer: Scorer, config: StreamConfig, name: str,
+                 net: Callable[[float, float], dict[str, Any]] | None = None) -> None:
+    """Fill ``res`` with the windows of ``audio`` and their mean; ``net`` gives each window's network numbers."""
     res.duration_s = audio.size / 16000
-    events = window_results(audio, scorer, config, path.stem)
+    events = window_results(audio, scorer, config, name)
     key = "mos" if scorer.mode == "nr" else "distance"
     scored: list[float] = []
     for ev in events:
         v = ev.value
-        res.windows.append({"t_start": round(ev.t_start, 4), "t_end": round(ev.t_end, 4),
-                            key: None if v is None else round(v, 5), "speech": round(ev.speech, 3),
-                            "level_dbfs": round(ev.level_dbfs, 1), "reason": ev.reason})
+        row: dict[str, Any] = {"t_start": round(ev.t_start, 4), "t_end": round(ev.t_end, 4),
+                               key: None if v is None else round(v, 5), "speech": round(ev.speech, 3),
+                               "level_dbfs": round(ev.level_dbfs, 1), "reason": ev.reason}
+        if net is not None:
+            row["net"] = net(ev.t_start, ev.t_end)
+        res.windows.append(row)
         if v is not None:
             scored.append(v)
     res.value = float(np.mean(scored)) if scored else None
     if not scored:
         res.error = "no window with enough speech to score"
-    return res
+
+
+def score_path(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None) -> list[FileResult]:
+    """A file's result, or one result per RTP stream of a packet capture."""
+    from scoreq_live.rtp.capture import is_capture
+
+    if is_capture(path):
+        return score_capture(path, scorer, config, rtp_port)
+    return [score_file(path, scorer, config)]
+
+
+@dataclass
+class _Leg:
+    """One RTP stream of a capture being decoded."""
+
+    flow: Flow | None
+    stream: RtpStream | None
+    audio: list[np.ndarray] = field(default_factory=list)
+    error: str | None = None
+
+
+def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None,
+                  timeout_s: float | None = None) -> list[FileResult]:
+    """One result per RTP stream of a capture (``file`` is ``PATH#<ssrc>``), scored as the monitor would.
+
+    Each stream is decoded whole through the RTP receiver, with the capture times as arrival times
+    (a stream silent for ``timeout_s`` ends there, as in the monitor; if it starts again it is
+    another result), then its audio is scored window by window.  ``rtp_port``: only streams from or
+    to that UDP port.  A capture that cannot be read, or holds no RTP, gives one result saying so.
+    """
+    from scoreq_live.rtp.capture import Capture, CaptureError, FlowDemux, FlowEvent, find_rtp_flows, format_endpoint
+    from scoreq_live.rtp.receiver import NewStream, StreamGone
+    from scoreq_live.sources.rtp import DEFAULT_TIMEOUT_S
+
+    timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+
+    try:
+        with Capture(path) as cap:
+            flows = find_rtp_flows(cap.datagrams(), rtp_port)
+    except CaptureError as e:
+        return [FileResult(str(path), scorer.mode, error=str(e))]
+    if not flows:
+        where = f" to or from port {rtp_port}" if rtp_port is not None else ""
+        return [FileResult(str(path), scorer.mode, error=f"no RTP stream found in this capture{where}")]
+    span = max(f.last_s for f in flows) - min(f.first_s for f in flows)
+    # network history for the whole capture, so that every window's numbers are still there after decoding
+    demux = FlowDemux(flows, timeout_s=timeout_s, history_s=span + 2 * timeout_s + 60.0)
+    legs: list[_Leg] = []
+    live: dict[tuple[tuple[str, int], int], _Leg] = {}
+
+    def handle(events: list[FlowEvent]) -> None:
+        for fe in events:
+            ev, key = fe.event, (fe.dst, fe.event.ssrc)
+            if isinstance(ev, NewStream):
+                live[key] = _Leg(fe.flow, ev.stream)
+                legs.append(live[key])
+                continue
+            leg = live.pop(key, None)
+            if isinstance(ev, StreamGone):
+                if leg is not None and leg.stream is not None:
+                    leg.audio.append(leg.stream.finish())
+            elif leg is not None:
+                leg.error = ev.error
+            else:
+                legs.append(_Leg(fe.flow, None, error=ev.error))
+
+    with Capture(path) as cap:
+        ticked = 0.0
+        for d in cap.datagrams():
+            t = demux.arrival(d.ts)
+            if t - ticked >= 0.1:
+                handle(demux.expire(t))
+                ticked = t
+            handle(demux.feed(d))
+    for leg in live.values():
+        if leg.stream is not None:
+            leg.audio.append(leg.stream.finish())
+    played = {leg.flow.key for leg in legs if leg.flow is not None}
+    legs += [_Leg(f, None, error="no packet of this stream could be played") for f in flows if f.key not in played]
+
+    results: list[FileResult] = []
+    seen: dict[str, int] = {}
+    for leg in legs:
+        flow, stream = leg.flow, leg.stream
+        ssrc = flow.ssrc if flow is not None else (stream.ssrc if stream is not None else 0)
+        label = f"{path}#{ssrc:08x}"
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            label += f"-{seen[label]}"
+        res = FileResult(label, scorer.mode, error=leg.error)
+        if flow is not None:
+            res.src, res.dst, res.codec = format_endpoint(flow.src), format_endpoint(flow.dst), flow.codec_name
+        results.append(res)
+        if stream is None or leg.error is not None:
+            continue
+        res.codec = stream.codec_name or res.codec
+        audio = np.concatenate(leg.audio) if leg.audio else np.zeros(0, np.float32)
+        if res.src is None:
+            res.src, res.dst = format_endpoint(stream.source_addr), ""
+        res.net = _stream_net(stream, audio.size / 16000)
+        _score_audio(res, audio, scorer, config, f"{path.stem}-{ssrc:08x}", _window_net(stream))
+    return results
+
+
+def _window_net(stream: RtpStream) -> Callable[[float, float], dict[str, Any]]:
+    def net(t0: float, t1: float) -> dict[str, Any]:
+        return dict(stream.net_window(t0, t1).to_dict())
+
+    return net
+
+
+def _stream_net(stream: RtpStream, duration_s: float) -> dict[str, Any]:
+    """The whole stream's network numbers: RFC 3550 counts and jitter, and the E-model over all of it."""
+    whole = stream.net_window(0.0, duration_s + 1.0).to_dict()
+    totals = stream.totals()
+    out: dict[str, Any] = {k: totals[k] for k in NET_KEYS[:7]}
+    out["loss_pct"] = round(float(out["loss_pct"]), 3)
+    out["jitter_ms"] = round(float(out["jitter_ms"]), 3)
+    out["concealed_s"] = round(float(totals["concealed_s"]), 3)
+    out["r_factor"], out["mos_cq"] = whole["r_factor"], whole["mos_cq"]
+    return out
 
 
 def write_csv(results: Sequence[FileResult], path: str) -> None:
+    """One row per result; RTP streams of captures add their addresses, codec and network numbers at the end."""
     key = "mos" if (results and results[0].mode == "nr") else "distance"
+    rtp = any(r.src is not None for r in results)
     with (open(path, "w", newline="") if path != "-" else contextlib.nullcontext(sys.stdout)) as f:
         w = csv.writer(f)
-        w.writerow(["file", key, "duration_s", "windows", "scored_windows", "error"])
+        w.writerow(["file", key, "duration_s", "windows", "scored_windows", "error"]
+                   + (["src", "dst", "codec", *NET_KEYS] if rtp else []))
         for r in results:
             n = sum(1 for x in r.windows if x.get(key) is not None)
-            w.writerow([r.file, "" if r.value is None else f"{r.value:.5f}", f"{r.duration_s:.3f}",
-                        len(r.windows), n, r.error or ""])
+            row: list[Any] = [r.file, "" if r.value is None else f"{r.value:.5f}", f"{r.duration_s:.3f}",
+                              len(r.windows), n, r.error or ""]
+            if rtp:
+                net = r.net or {}
+                row += [r.src or "", r.dst or "", r.codec or "", *(net.get(k, "") for k in NET_KEYS)]
+            w.writerow(row)
 
 
 def write_json(results: Sequence[FileResult], path: str) -> None:

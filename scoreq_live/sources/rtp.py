@@ -1,0 +1,284 @@
+"""RTP inputs: a UDP port where every sender (SSRC) becomes its own stream while the monitor runs.
+
+``rtp://HOST:PORT[?codec=NAME&pt=N&rate=R&channels=C]`` listens on one port
+(an empty host means 127.0.0.1; ``0.0.0.0`` or ``[::]`` listen on every
+interface).  An SDP file (``call.sdp``) names the port and the dynamic payload
+types.  The packets themselves are handled by the sans-I/O
+:class:`scoreq_live.rtp.receiver.RtpDemux`; this module only moves datagrams
+from the socket to it and its audio to the engine.
+
+The receive path: the socket's protocol callback appends each datagram to a
+bounded deque (overflow counted, never blocking) and wakes one task, which
+hands the whole backlog to the demux in one go and then delivers the audio
+the jitter buffers released, so a flood on one port costs that port's
+datagrams, not the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from scoreq_live.core import SAMPLE_RATE
+from scoreq_live.core.events import NetQuality
+from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, parse_codec_query, parse_sdp
+from scoreq_live.rtp.receiver import NewStream, RtpDemux, RtpStream, StreamFailed, StreamGone
+from scoreq_live.sources.base import Source, SourceError, StreamSet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 5.0
+QUEUE_DATAGRAMS = 4096  # datagrams waiting for the demux per port; more are dropped and counted
+TICK_S = 0.1  # how often silent streams are checked for the timeout
+RCVBUF = 4 << 20  # ask the kernel for a 4 MiB receive buffer: bursts wait there, not in Python
+
+
+@dataclass(frozen=True)
+class RtpSpec:
+    """One RTP port to listen on, and what its dynamic payload types are."""
+
+    host: str
+    port: int
+    codecs: Mapping[int, Codec] = field(default_factory=dict)  # on top of the static payload types
+    name: str | None = None  # the NAME of NAME=rtp://..., the prefix of its streams' names
+
+    @property
+    def prefix(self) -> str:
+        return self.name or str(self.port)
+
+
+def parse_rtp_url(url: str, name: str | None = None) -> RtpSpec:
+    """``rtp://HOST:PORT[?codec=...&pt=...]`` as an :class:`RtpSpec`; raises :class:`SourceError`."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise SourceError(f"--input {url!r}: {e}") from None
+    if parts.scheme != "rtp" or port is None or parts.path not in ("", "/"):
+        raise SourceError(f"--input {url!r}: RTP inputs look like rtp://HOST:PORT, rtp://:5004 or "
+                          "rtp://0.0.0.0:5004?codec=opus&pt=111")
+    if port == 0:
+        raise SourceError(f"--input {url!r}: give the port to listen on")
+    try:
+        codecs = parse_codec_query(parts.query) if parts.query else {}
+    except CodecError as e:
+        raise SourceError(f"--input {url!r}: {e}") from None
+    return RtpSpec(parts.hostname or "127.0.0.1", port, codecs, name)
+
+
+def specs_from_sdp(path: Path, name: str | None = None) -> list[RtpSpec]:
+    """The audio ports an SDP file describes, each with its payload types; raises :class:`SourceError`."""
+    try:
+        media = parse_sdp(path.read_text(errors="replace"))
+    except (OSError, CodecError) as e:
+        raise SourceError(f"--input {str(path)!r}: {e}") from None
+    out = []
+    for i, m in enumerate(media):
+        label = name if name is None or len(media) == 1 else f"{name}{i + 1}"
+        out.append(RtpSpec(m.addr or "127.0.0.1", m.port, dict(m.codecs), label))
+    return out
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SourceError(f"rtp://{host}:{port}: cannot resolve {host!r}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise SourceError(f"rtp://{host}:{port}: cannot listen: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class RtpSource(Source):
+    """One sender (SSRC) on an RTP port: the audio its jitter buffer releases, at 16 kHz."""
+
+    kind = "rtp"
+
+    def __init__(self, name: str, stream: RtpStream | None, detail: str) -> None:
+        super().__init__(name, detail)
+        self.stream = stream
+        self.rate = SAMPLE_RATE
+        self.channels = 1
+        self._chunks: collections.deque[np.ndarray] = collections.deque()
+        self._wake = asyncio.Event()
+        self._done = False
+        self.failure: str | None = None
+
+    # -- called by the port -------------------------------------------------------------------------
+
+    def deliver(self) -> None:
+        if self.stream is None:
+            return
+        audio = self.stream.pull()
+        if audio.size:
+            self._chunks.append(audio)
+            self._wake.set()
+
+    def end(self, reason: str) -> None:
+        """No more packets: release the jitter buffer's rest and end with ``reason`` (inactive, bye, eof)."""
+        if self._done:
+            return
+        rest = self.stream.finish() if self.stream is not None else np.zeros(0, np.float32)
+        if rest.size:
+            self._chunks.append(rest)
+        self.end_reason = reason  # type: ignore[assignment]  # one of EndReason, by the port's contract
+        self._done = True
+        self._wake.set()
+
+    def fail(self, error: str) -> None:
+        self.failure = error
+        self._done = True
+        self._wake.set()
+
+    # -- Source -------------------------------------------------------------------------------------
+
+    async def frames(self) -> AsyncIterator[np.ndarray]:
+        while True:
+            while self._chunks:
+                yield self._chunks.popleft()
+            if self._done:
+                if self.failure is not None:
+                    raise SourceError(self.failure)
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def chunks(self) -> AsyncIterator[np.ndarray]:
+        async for frames in self.frames():  # already 16 kHz mono float32
+            yield frames
+
+    def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
+        if self.stream is None:
+            return None
+        return NetQuality(**self.stream.net_window(t_start, t_end).to_dict())
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, port: RtpPort) -> None:
+        self.port = port
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.port._received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("rtp port %s: %s", self.port.spec.port, exc)
+
+
+class RtpPort(StreamSet):
+    """One UDP port: a stream per SSRC, started by its first packet, ended by timeout or RTCP BYE."""
+
+    kind = "rtp"
+
+    def __init__(self, spec: RtpSpec, timeout_s: float = DEFAULT_TIMEOUT_S, queue: int = QUEUE_DATAGRAMS) -> None:
+        super().__init__(spec.prefix, f"rtp://{spec.host}:{spec.port}")
+        self.spec = spec
+        self.timeout_s = timeout_s
+        codecs = dict(STATIC)
+        codecs.update(spec.codecs)
+        self.demux = RtpDemux(codecs, timeout_s=timeout_s)
+        self._sock: socket.socket | None = None
+        self._backlog: collections.deque[tuple[bytes, tuple[str, int], float]] = collections.deque()
+        self._queue_max = queue
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.received = 0  # datagrams taken from the socket
+        self.overflow = 0  # datagrams dropped because the demux fell behind
+        self.live: dict[int, RtpSource] = {}  # ssrc -> its stream
+
+    def check(self) -> None:
+        if self._sock is None:
+            self._sock = _bind(self.spec.host, self.spec.port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the port listens (the real port when 0 was asked for)."""
+        self.check()
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def _received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received += 1
+        if len(self._backlog) >= self._queue_max:
+            self.overflow += 1
+            return
+        assert self._loop is not None and self._wake is not None
+        self._backlog.append((data, addr, self._loop.time()))
+        if len(self._backlog) == 1:
+            self._wake.set()
+
+    def _name(self, ssrc: int) -> str:
+        return f"{self.name}-{ssrc:08x}"
+
+    async def streams(self) -> AsyncIterator[Source]:
+        self.check()
+        loop = self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), TICK_S)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+                new: list[RtpSource] = []
+                backlog, self._backlog = self._backlog, collections.deque()
+                for data, addr, at in backlog:
+                    for ev in self.demux.datagram(data, addr, at):
+                        src = self._handle(ev)
+                        if src is not None:
+                            new.append(src)
+                for ev in self.demux.expire(loop.time()):
+                    self._handle(ev)
+                for src in self.live.values():
+                    src.deliver()
+                for src in new:
+                    yield src
+        finally:
+            transport.close()
+            for src in list(self.live.values()):
+                src.end("stopped")
+            self.live.clear()
+
+    def _handle(self, ev: NewStream | StreamGone | StreamFailed) -> RtpSource | None:
+        if isinstance(ev, NewStream):
+            st = ev.stream
+            host, port = st.source_addr[:2]
+            src = RtpSource(self._name(ev.ssrc), st,
+                            f"{st.codec_name} from {host}:{port} to :{self.spec.port} ssrc {ev.ssrc:08x}")
+            self.live[ev.ssrc] = src
+            return src
+        gone = self.live.pop(ev.ssrc, None)
+        if gone is None:
+            if isinstance(ev, StreamFailed):  # failed on its first packet: a stream only to say why
+                failed = RtpSource(self._name(ev.ssrc), None, f"to :{self.spec.port} ssrc {ev.ssrc:08x}")
+                failed.fail(ev.error)
+                return failed
+            return None
+        if isinstance(ev, StreamGone):
+            gone.deliver()
+            gone.end(ev.reason)
+        else:
+            gone.fail(ev.error)
+        return None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
