@@ -4,7 +4,7 @@
 from rich.console import Console
 
 from scoreq_live.bus import EventBus
-from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import NetQuality, ScoreEvent, StreamEnded, StreamError, StreamStarted
 from scoreq_live.sinks.terminal import PanelState, TerminalSink, render, sparkline
 
 
@@ -77,3 +77,28 @@ def test_active_alerts_show_in_one_line_under_the_table_until_cleared():
     sink.state.update(ClearedEvent(value=3.4, t=40.0, **common))
     sink.console.print(sink.renderable())
     assert "alerts" not in sink.console.export_text()
+
+
+def test_packet_streams_show_loss_and_jitter_and_ended_rows_are_forgotten():
+    state = PanelState(forget_s=30.0, max_ended=1)
+    for i, name in enumerate(["legA-1234abcd", "legA-00c0ffee", "legA-0badcafe"]):
+        state.update(StreamStarted(stream=name, ts=10.0 * i, source="rtp", model="distillmos", mode="nr"))
+        e = ScoreEvent(stream=name, ts=10.0 * i + 5, window=0, t_start=0, t_end=7.68, mos=3.6, smoothed=3.6,
+                       speech=0.8, level_dbfs=-28.0, model="distillmos")
+        e.net = NetQuality("PCMU", 384, 371, 13, 0, 0, 3.39 * (i + 1), 4.2, 0.03, 66.9, 3.44)
+        state.update(e)
+        state.update(StreamEnded(stream=name, ts=10.0 * i + 8, reason="inactive"))
+    console = Console(record=True, width=80)
+    console.print(render(state, 80))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80 and "jitter" in lines[0]
+    row = next(line for line in lines if line.startswith("legA-0badcafe"))  # the full name fits
+    assert "10.2%" in row and "4ms" in row and "ended" in row
+    # A new call at 48 s: the row that ended 40 s ago goes (older than 30 s); of the two that ended 30 s
+    # and 20 s ago only the newest stays (at most one ended row).
+    state.update(StreamStarted(stream="legA-feedf00d", ts=48.0, source="rtp", model="distillmos", mode="nr"))
+    assert list(state.rows) == ["legA-0badcafe", "legA-feedf00d"]
+    state.update(StreamStarted(stream="legA-00000001", ts=57.0, source="rtp", model="distillmos", mode="nr"))
+    assert list(state.rows) == ["legA-0badcafe", "legA-feedf00d", "legA-00000001"]  # ended 29 s ago: kept
+    state.update(StreamStarted(stream="legA-00000002", ts=59.0, source="rtp", model="distillmos", mode="nr"))
+    assert "legA-0badcafe" not in state.rows

@@ -168,18 +168,21 @@ def _fmt(v: float | None, mode: Mode) -> str:
 def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Table:
     """The table of streams; ``bands`` colours the scores (default: the mode's, as ``--bands`` gives them)."""
     table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
-    net = any(r.loss_pct is not None for r in state.rows.values())  # packet streams: loss and jitter too
-    spark_w = max(8, min(30, width - 69 - (11 if net else 0)))
-    table.add_column("stream", max_width=12, no_wrap=True, overflow="ellipsis")
+    # Packet streams: loss and jitter take the model's column (one model for all streams; the title names it),
+    # and the stream column widens for NAME-<ssrc>.
+    net = any(r.loss_pct is not None for r in state.rows.values())
+    spark_w = max(8, min(30, width - 69 - (2 if net else 0)))
+    table.add_column("stream", max_width=14 if net else 12, no_wrap=True, overflow="ellipsis")
     table.add_column("now", justify="right", width=5)
     table.add_column("avg", justify="right", width=5)
     table.add_column(f"last {int(HISTORY_S)}s", width=spark_w, no_wrap=True)
     table.add_column("speech", justify="right", width=6)
     table.add_column("level", justify="right", width=7)
-    if net:
-        table.add_column("loss jitter", width=10, no_wrap=True)
     table.add_column("state", width=9, no_wrap=True, overflow="ellipsis")
-    table.add_column("model", max_width=10, no_wrap=True, overflow="ellipsis")
+    if net:
+        table.add_column("loss  jitter", width=12, no_wrap=True)
+    else:
+        table.add_column("model", max_width=10, no_wrap=True, overflow="ellipsis")
     for r in state.rows.values():
         rb = bands if bands is not None and bands.lower_is_better == (r.mode != "nr") else Bands.for_mode(r.mode)
         if r.mode == "nr":
@@ -194,16 +197,15 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Ta
             state_txt = Text(r.reason.replace("_", " "), style="yellow")
         else:
             state_txt = Text(r.state, style={"live": "green", "error": "bold red"}.get(r.state, "dim"))
-        cells: list[str | Text] = [
+        last: str = r.model
+        if net:
+            last = "" if r.loss_pct is None or r.jitter_ms is None else f"{r.loss_pct:4.1f}% {r.jitter_ms:4.0f}ms"
+        table.add_row(
             r.name, now,
             Text(_fmt(r.smoothed, r.mode), style=_band_style(rb, r.smoothed) + " bold"),
             Text(spark, style=_band_style(rb, r.smoothed)),
-            f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB",
-        ]
-        if net:
-            cells.append("" if r.loss_pct is None or r.jitter_ms is None
-                         else f"{r.loss_pct:.1f}% {r.jitter_ms:.0f}ms")
-        table.add_row(*cells, state_txt, r.model)
+            f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB", state_txt, last,
+        )
     return table
 
 
