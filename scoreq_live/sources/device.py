@@ -136,12 +136,21 @@ class DeviceSource(Source):
                                     blocksize=blocksize, latency="low", callback=callback)
         except Exception as e:
             raise SourceError(f"cannot open input device {dev['name']!r}: {e}") from e
-        with stream:
-            while True:
-                try:
-                    block = await asyncio.wait_for(queue.get(), timeout=2.0)
-                except asyncio.TimeoutError:
-                    if not stream.active:
-                        raise SourceError(f"input device {dev['name']!r} stopped delivering audio") from None
-                    continue
-                yield block
+        getter: asyncio.Future[np.ndarray] | None = None
+        try:
+            with stream:
+                while True:
+                    # asyncio.wait, not wait_for: before Python 3.12 wait_for can swallow a cancellation that
+                    # comes as a block arrives, and the monitor would never stop.
+                    if getter is None:
+                        getter = asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({getter}, timeout=2.0)
+                    if not done:
+                        if not stream.active:
+                            raise SourceError(f"input device {dev['name']!r} stopped delivering audio")
+                        continue
+                    block, getter = getter.result(), None
+                    yield block
+        finally:
+            if getter is not None:
+                getter.cancel()

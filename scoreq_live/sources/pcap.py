@@ -217,10 +217,13 @@ class PcapReplay(StreamSet):
                 return
             src = behind[0]
             src.taken.clear()
+            # A timer, not asyncio.wait_for: before Python 3.12, wait_for can swallow a cancellation that comes
+            # as the event is set, and the replay would never stop.
+            timer = asyncio.get_running_loop().call_later(WAIT_S, src.taken.set)
             try:
-                await asyncio.wait_for(src.taken.wait(), WAIT_S)
-            except asyncio.TimeoutError:
-                pass
+                await src.taken.wait()
+            finally:
+                timer.cancel()
 
     def _deliver(self) -> None:
         for src in self.live.values():

@@ -232,10 +232,13 @@ class RtpPort(StreamSet):
         transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
         try:
             while True:
+                # A timer, not asyncio.wait_for: before Python 3.12, wait_for swallows a cancellation that comes
+                # just as the event is set (a datagram in the same loop turn), and the port never stops.
+                timer = loop.call_later(TICK_S, self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), TICK_S)
-                except asyncio.TimeoutError:
-                    pass
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
                 self._wake.clear()
                 new: list[RtpSource] = []
                 backlog, self._backlog = self._backlog, collections.deque()
