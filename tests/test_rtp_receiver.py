@@ -500,3 +500,24 @@ def test_a_hostile_sender_does_not_touch_other_streams(speech8: np.ndarray) -> N
     assert SSRC_B in streams
     payload_s = sum(len(p) - 12 for p, _, _ in evil if p[1] & 0x7F in (0, 8) and p[8:12] == SSRC_B.to_bytes(4, "big"))
     assert len(got[SSRC_B]) / 16000 <= (pkts[-1].t - pkts[0].t) * 1.02 + 1.0 + payload_s / 8000
+
+
+@pytest.mark.parametrize("senders", [129, 300])
+def test_more_new_senders_than_candidate_places_are_all_accepted(speech8: np.ndarray, senders: int) -> None:
+    """A monitor restarted under traffic: every sender's first packets arrive in the same order each 20 ms.
+
+    More senders than the demux tracks while unconfirmed must not starve: each is accepted within a few
+    packet intervals (the port's own cap on streams aside).
+    """
+    payload = mulaw_encode(speech8[:160])
+    demux = RtpDemux(timeout_s=5.0, max_streams=1000)
+    started: dict[int, int] = {}
+    for k in range(12):  # 12 packet intervals
+        for i in range(senders):
+            ssrc = 0x10000 + i
+            addr = ("127.0.0.1", 20000 + i)
+            for ev in demux.datagram(rtp_bytes(1000 + k, 160 * k, ssrc, 0, payload), addr, 100.0 + 0.02 * k):
+                if isinstance(ev, NewStream):
+                    started[ev.ssrc] = k
+    assert len(started) == senders, f"{senders - len(started)} of {senders} senders never accepted"
+    assert max(started.values()) <= 10

@@ -27,6 +27,7 @@ few milliseconds (a block resampler would hold back tens of milliseconds).
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -40,7 +41,7 @@ from scoreq_live.rtp.packet import RtpPacket, is_rtcp, parse_rtcp_bye, parse_rtp
 
 GAP_SLACK_S = 0.25  # how far the output may run ahead of the arrival times (jitter, buffering)
 PROBATION_PACKETS = 16  # packets of an unconfirmed SSRC kept for when it is confirmed
-MAX_CANDIDATES = 128  # unconfirmed SSRCs tracked at once (oldest forgotten first)
+MAX_CANDIDATES = 128  # unconfirmed SSRCs tracked at once (a random one forgotten for a new one)
 PROBATION_S = 2.0  # an unconfirmed SSRC silent this long is forgotten
 BYE_GRACE_S = 2.0  # packets of an SSRC within this long after its BYE are stragglers, not a new stream
 _EMPTY = np.zeros(0, np.float32)
@@ -540,6 +541,7 @@ class RtpDemux:
         self._stream_args: dict[str, float] = {"min_delay_s": min_delay_s, "max_delay_s": max_delay_s,
                                                "max_gap_s": max_gap_s, "history_s": history_s}
         self._candidates: dict[int, _Candidate] = {}
+        self._evict = random.Random(0)  # which candidate to forget when full (seeded: runs repeat)
         self._failed: dict[int, float] = {}  # ssrc -> last arrival
         self._byes: dict[int, float] = {}  # ssrc -> when its BYE came
 
@@ -583,7 +585,10 @@ class RtpDemux:
         cand = self._candidates.get(ssrc)
         if cand is None:
             if len(self._candidates) >= MAX_CANDIDATES:
-                old = next(iter(self._candidates))
+                # A random one, not the oldest: with more new senders than places, arriving in the same order
+                # every packet interval (a monitor restarted under traffic), forgetting the oldest would
+                # forget each before its second packet and confirm none, ever; at random most survive a round.
+                old = self._evict.choice(list(self._candidates))
                 self._drop("unconfirmed", len(self._candidates.pop(old).packets))
             self._candidates[ssrc] = _Candidate(addr, [(pkt, arrival_s)], arrival_s)
             return []
