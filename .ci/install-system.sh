@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs (CI and developer machines).
 # Idempotent: only packages that are not installed yet are passed to apt-get.
-# Must run as root (or with sudo available).
+# Must run as root (or with sudo available). Also grants sipp the capability
+# its pcap play needs (see below), so the tests run as an ordinary user.
 set -euo pipefail
 
 # ---------------------------------------------------------------------------
@@ -20,6 +21,16 @@ set -euo pipefail
 #   chromium           - the real browser Playwright drives, headless (never
 #                        Playwright's own browser downloads)
 #   fonts-dejavu-core  - a font for the page text in screenshots
+#
+# RTP input (tests/rtp_tools.py, tests/test_rtp_tools.py, `rtp://` / pcap inputs):
+#   ffmpeg             - real RTP sender (PCMU/PCMA/G.722/Opus over `-f rtp`,
+#                        paced with `-re`) and the offline codec round trip the
+#                        scores are compared against
+#   sip-tester         - sipp: a second, independent RTP sender (a SIP call on
+#                        loopback whose UAC replays RTP from a pcap file)
+#   libcap2-bin        - setcap: sipp's pcap play writes UDP headers through a
+#                        raw socket, which needs CAP_NET_RAW; granted to the
+#                        sipp binary below, so that a non-root user can run it
 # ---------------------------------------------------------------------------
 PACKAGES=(
     # microphone path
@@ -30,6 +41,10 @@ PACKAGES=(
     # browser panel
     chromium
     fonts-dejavu-core
+    # RTP input
+    ffmpeg
+    sip-tester
+    libcap2-bin
 )
 
 missing=()
@@ -40,18 +55,28 @@ for pkg in "${PACKAGES[@]}"; do
     fi
 done
 
-if ((${#missing[@]} == 0)); then
-    echo "install-system: all system packages present: ${PACKAGES[*]}"
-    exit 0
-fi
-
 SUDO=()
 if ((EUID != 0)); then
     SUDO=(sudo)
 fi
 
-echo "install-system: installing: ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+if ((${#missing[@]} == 0)); then
+    echo "install-system: all system packages present: ${PACKAGES[*]}"
+else
+    echo "install-system: installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# sipp's play_pcap_audio opens a raw socket: give the binary CAP_NET_RAW
+# (permitted + effective) so that the RTP tests need not run as root.
+# Checked on every run, not only after an install: an upgrade of sip-tester
+# replaces the binary, and with it the capability.
+PATH="$PATH:/usr/sbin:/sbin"  # getcap/setcap live in sbin, not on a user's PATH
+sipp_bin="$(readlink -f "$(command -v sipp)")"
+if [[ "$(getcap "$sipp_bin")" != *cap_net_raw* ]]; then
+    echo "install-system: granting cap_net_raw to $sipp_bin"
+    "${SUDO[@]}" setcap cap_net_raw+ep "$sipp_bin"
+fi
 echo "install-system: done"
