@@ -25,11 +25,10 @@ Window numbers:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 
+from scoreq_live.core.events import NetQuality
 from scoreq_live.rtp import emodel
 
 SAMPLE_RATE = 16000
@@ -39,28 +38,8 @@ BUCKET = 160  # samples per bucket: 10 ms at 16 kHz
 _EXPECTED, _RECEIVED, _DUPLICATED, _LATE, _MISSED, _RUNS, _CONCEALED, _JITTER_N = range(8)
 
 
-@dataclass(frozen=True)
-class NetWindow:
-    """One window's network numbers; :meth:`to_dict` is what score events carry as ``net``."""
-
-    codec: str
-    expected: int
-    received: int
-    lost: int
-    duplicated: int
-    late: int
-    loss_pct: float
-    jitter_ms: float
-    concealed: float  # fraction 0..1 of the window's samples that are concealment
-    r_factor: float
-    mos_cq: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields by name (str codec, int counts, float rest), floats rounded for the event stream."""
-        d: dict[str, Any] = asdict(self)
-        for key, digits in (("loss_pct", 3), ("jitter_ms", 3), ("concealed", 4), ("r_factor", 2), ("mos_cq", 3)):
-            d[key] = round(float(d[key]), digits)
-        return d
+NetWindow = NetQuality
+"""One window's network numbers: the ``net`` of score events (:class:`scoreq_live.core.events.NetQuality`)."""
 
 
 def burst_ratio(missed: int, runs: int, expected: int) -> float:

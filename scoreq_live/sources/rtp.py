@@ -165,7 +165,7 @@ class RtpSource(Source):
     def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
         if self.stream is None:
             return None
-        return NetQuality(**self.stream.net_window(t_start, t_end).to_dict())
+        return self.stream.net_window(t_start, t_end)
 
 
 class _Protocol(asyncio.DatagramProtocol):
