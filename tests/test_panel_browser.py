@@ -41,14 +41,14 @@ def free_port() -> int:
 class Monitor:
     """``python -m scoreq_live`` on the demo recordings, serving the panel on ``http_port``."""
 
-    def __init__(self, http_port: int, ws_port: int, log: Path) -> None:
+    def __init__(self, http_port: int, ws_port: int, log: Path, inputs: list[str] | None = None) -> None:
         self.http_port, self.ws_port, self.log = http_port, ws_port, log
+        self.inputs = inputs or [f"clean={EXAMPLES / 'clean.wav'}", f"lyra3={EXAMPLES / 'lyra3.wav'}"]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Monitor:
         cmd = [
-            sys.executable, "-m", "scoreq_live",
-            "--input", f"clean={EXAMPLES / 'clean.wav'}", "--input", f"lyra3={EXAMPLES / 'lyra3.wav'}",
+            sys.executable, "-m", "scoreq_live", *(a for i in self.inputs for a in ("--input", i)),
             "--http", f"127.0.0.1:{self.http_port}", "--ws", f"127.0.0.1:{self.ws_port}",
             "--token", TOKEN, "--alert", RULE, "--no-tui", "--device", "cpu",
         ]
@@ -211,3 +211,26 @@ def test_panel_shows_streams_scores_charts_and_alert_and_reconnects(monitor):
 
     assert not errors, errors
     assert not foreign, f"requests beyond the monitor: {foreign}"
+
+
+def test_panel_shows_a_call_legs_network_numbers(tmp_path):
+    """A captured call with 5 % of its packets lost, replayed in real time: its card shows loss and jitter."""
+    from playwright.sync_api import expect
+
+    from tests.rtp_tools import RtpFlow, write_pcap
+
+    require_browser()
+    pcap = tmp_path / "call.pcap"
+    write_pcap(pcap, [RtpFlow(EXAMPLES / "clean.wav", "pcmu", ssrc=0x0A0B0C0D, duration_s=12.0,
+                              drop_at=frozenset(range(7, 600, 20)))])
+    m = Monitor(free_port(), free_port(), tmp_path / "monitor.log", inputs=[f"call=pcap:{pcap}"])
+    try:
+        m.start()
+        with chromium(viewport={"width": 1280, "height": 760}) as ctx:
+            page = ctx.new_page()
+            page.goto(f"http://127.0.0.1:{m.http_port}/?token={TOKEN}")
+            net = card(page, "call-0a0b0c0d").locator(".net")
+            expect(net).to_be_visible(timeout=60_000)
+            expect(net).to_have_text(re.compile(r"^loss [4-6]\.\d % · jitter \d+ ms · net MOS [1-4]\.\d\d$"))
+    finally:
+        m.stop()
