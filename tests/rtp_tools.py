@@ -364,16 +364,21 @@ def ffmpeg_sdp(
         return out.read_text()
 
 
-def pcm_s16(
-    wav: str | os.PathLike[str], rate: int, *, start_s: float = 0.0, duration_s: float | None = None
-) -> np.ndarray:
-    """``wav`` as ffmpeg hands it to the encoder: mono int16 at ``rate`` (ffmpeg's resampler and downmix)."""
+def _ffmpeg_read(wav: str | os.PathLike[str], start_s: float, duration_s: float | None) -> list[str]:
+    """An ffmpeg command line up to its input: ``wav`` (an excerpt of it), audio only, mixed to mono."""
     cmd = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error"]
     if start_s:
         cmd += ["-ss", f"{start_s:.3f}"]
     if duration_s is not None:
         cmd += ["-t", f"{duration_s:.3f}"]
-    cmd += ["-i", str(wav), "-vn", "-ac", "1", "-af", f"aresample={rate}", "-ar", str(rate), "-f", "s16le", "-"]
+    return [*cmd, "-i", str(wav), "-vn", "-ac", "1"]
+
+
+def pcm_s16(
+    wav: str | os.PathLike[str], rate: int, *, start_s: float = 0.0, duration_s: float | None = None
+) -> np.ndarray:
+    """``wav`` as ffmpeg hands it to the encoder: mono int16 at ``rate`` (ffmpeg's resampler and downmix)."""
+    cmd = [*_ffmpeg_read(wav, start_s, duration_s), "-af", f"aresample={rate}", "-ar", str(rate), "-f", "s16le", "-"]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     if r.returncode != 0:
         raise RuntimeError(f"ffmpeg could not read {wav}: {r.stderr.decode(errors='replace')[-2000:]}")
@@ -400,12 +405,7 @@ def encode_like_ffmpeg(
     if not require[0]:
         raise RuntimeError(require[1])
     c = _codec(codec)
-    enc = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error"]
-    if start_s:
-        enc += ["-ss", f"{start_s:.3f}"]
-    if duration_s is not None:
-        enc += ["-t", f"{duration_s:.3f}"]
-    enc += ["-i", str(wav), "-vn", "-ac", "1", *_encoder_args(c, packet_ms, opus_bitrate), "-f", c.raw_format, "-"]
+    enc = [*_ffmpeg_read(wav, start_s, duration_s), *_encoder_args(c, packet_ms, opus_bitrate), "-f", c.raw_format, "-"]
     r = subprocess.run(enc, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     if r.returncode != 0:
         raise RuntimeError(f"ffmpeg encode ({c.name}) failed: {r.stderr.decode(errors='replace')[-2000:]}")

@@ -12,6 +12,7 @@ marker bit with one of the payload types 64..95 that RFC 5761 reserves for this 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 DROP_TRUNCATED = "truncated"  # shorter than the 12-byte fixed header
@@ -75,18 +76,24 @@ def is_rtcp(data: bytes) -> bool:
     return len(data) >= 8 and data[0] >> 6 == 2 and 192 <= data[1] <= 223
 
 
-def rtcp_packet_types(data: bytes) -> list[int]:
-    """The packet types of the RTCP packets in a compound datagram, in order; stops at the first malformed one."""
-    types: list[int] = []
+def _rtcp_packets(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(first byte, packet type, offset, length) of each RTCP packet of a compound datagram, in order.
+
+    Stops at the first malformed one (not version 2, or longer than what is left).
+    """
     off, n = 0, len(data)
     while off + 4 <= n:
         b0, pt, words = _RTCP_HEADER.unpack_from(data, off)
         length = (words + 1) * 4
         if b0 >> 6 != 2 or off + length > n:
-            break
-        types.append(pt)
+            return
+        yield b0, pt, off, length
         off += length
-    return types
+
+
+def rtcp_packet_types(data: bytes) -> list[int]:
+    """The packet types of the RTCP packets in a compound datagram, in order; stops at the first malformed one."""
+    return [pt for _, pt, _, _ in _rtcp_packets(data)]
 
 
 def parse_rtcp_bye(data: bytes) -> list[int]:
@@ -95,16 +102,10 @@ def parse_rtcp_bye(data: bytes) -> list[int]:
     Never raises: a malformed packet ends the walk, keeping what was read before it.
     """
     ssrcs: list[int] = []
-    off, n = 0, len(data)
-    while off + 4 <= n:
-        b0, pt, words = _RTCP_HEADER.unpack_from(data, off)
-        length = (words + 1) * 4
-        if b0 >> 6 != 2 or off + length > n:
-            break
+    for b0, pt, off, length in _rtcp_packets(data):
         if pt == RTCP_BYE:
             count = b0 & 0x1F
             if 4 + 4 * count > length:
                 break
             ssrcs += [_U32.unpack_from(data, off + 4 + 4 * i)[0] for i in range(count)]
-        off += length
     return ssrcs
