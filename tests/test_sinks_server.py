@@ -4,22 +4,36 @@ Every test starts its own servers on free ports and bounds its waits.
 """
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import socket
 import statistics
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from scoreq_live import __version__
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamStarted
 from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
 from scoreq_live.sinks.metrics import MetricsSink
-from scoreq_live.sinks.server import _BURST_FRAMES, _BURSTS, FeedServer, Listen, ServeError, _FeedConnection
+from scoreq_live.sinks.server import (
+    _BURST_FRAMES,
+    _BURSTS,
+    FeedServer,
+    Listen,
+    ServeError,
+    _FeedConnection,
+    policy_request,
+    web_response,
+)
 
 INFO = FeedInfo(model="distillmos", mode="nr", window_s=7.68, hop_s=1.0, bands=default_bands("nr"))
 LOCAL = Listen("127.0.0.1", 0)
@@ -60,12 +74,14 @@ def ws_url(srv, path="/ws", http=True):
     return f"ws://127.0.0.1:{(srv.http_address if http else srv.ws_address).port}{path}"
 
 
-async def http_get(port, path, headers=None, method="GET"):
+async def http_get(port, path, headers=None, method="GET", body=b""):
     """One raw HTTP/1.1 request (no client-side path normalisation): (status, headers, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+    head = {"Host": f"127.0.0.1:{port}", "Connection": "close", **(headers or {})}
+    if body:
+        head["Content-Length"] = str(len(body))
     writer.write((f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items())
-                  + "\r\n").encode())
+                  + "\r\n").encode() + body)
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(), 10)
     writer.close()
@@ -99,6 +115,33 @@ def small_rcvbuf_socket(port):
     s.connect(("127.0.0.1", port))
     s.setblocking(False)
     return s
+
+
+class EchoRoutes:
+    """A tiny ingest: ``POST /whip`` answers its body back and ``GET /media`` a word, both after the server's own
+    Host and token checks (``policy()`` for the server's current rules, ``where()`` for the site's address)."""
+
+    def __init__(self):
+        self.bodies = []
+
+    def add_routes(self, app, policy, where):
+        def refused(request):
+            req, rules = policy_request(request), policy()
+            no = rules.check_host(req, where()) or rules.check_token(req, parse_qs(urlsplit(req.path).query))
+            return web_response(no) if no is not None else None
+
+        async def whip(request):
+            if (no := refused(request)) is not None:
+                return no
+            body = await request.read()  # the server's limit on request bodies applies
+            self.bodies.append(body)
+            return web.Response(status=201, body=body, content_type="application/sdp")
+
+        async def media(request):
+            return refused(request) or web.Response(text="media")
+
+        app.router.add_post("/whip", whip)
+        app.router.add_get("/media", media)
 
 
 # --- fan-out ----------------------------------------------------------------------------------
@@ -223,13 +266,14 @@ async def test_a_client_that_falls_behind_is_told_exactly_how_many_events_it_los
 async def test_a_burst_of_frames_goes_out_in_a_few_writes_not_one_per_frame():
     # The coalescing leans on the websockets library's internals (ServerConnection.send_context calling
     # send_data, protocol.send_text); a version that stops using them would send one write per frame again
-    # and only get slower.  Count the writes on the real transport of a real connection.
+    # and only get slower.  Count the writes on the real transport of a real connection (of --ws: the
+    # websockets library's server).
     n = 3 * _BURST_FRAMES
     async with feed(hub_kw=dict(queue_size=2 * n)) as (srv, bus):
         bus.publish(started("a"))
-        async with connect(ws_url(srv)) as ws:
+        async with connect(ws_url(srv, "/", http=False)) as ws:
             await read_until_history_end(ws)
-            (conn,) = srv._conns.values()
+            (conn,) = srv._servers[0].connections
             assert _BURSTS and isinstance(conn, _FeedConnection)
             transport, writes = conn.transport, []
             real_write = transport.write
@@ -308,6 +352,12 @@ async def test_without_the_token_clients_are_refused_with_401():
         status, headers, _ = await http_get(port, "/metrics")
         assert status == 401 and headers["www-authenticate"].startswith("Bearer")
         assert (await http_get(port, "/metrics", {"Authorization": "Bearer s3cret"}))[0] == 404  # no metrics here
+        # Two tokens in one request: no guessing which one counts.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer s3cret\r\n"
+                     "Authorization: Bearer other\r\nConnection: close\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 400 ")
+        writer.close()
         # The panel's own files carry no data: they load without a token (the page passes ?token= on).
         assert (await http_get(port, "/static/nope.js"))[0] == 404
 
@@ -319,8 +369,13 @@ def test_listening_beyond_loopback_needs_a_token():
     with pytest.raises(ServeError, match="needs a token"):
         FeedServer(hub, ws=LOCAL, http=Listen("::", 8080))
     FeedServer(hub, ws=Listen("0.0.0.0", 8765), token="t")  # not started: nothing listens
+    with pytest.raises(ServeError, match="needs a token"):
+        FeedServer(hub, ws=None, ingest=EchoRoutes(), ingest_listen=Listen("0.0.0.0", 8081))
+    FeedServer(hub, ws=None, ingest=EchoRoutes(), ingest_listen=Listen("0.0.0.0", 8081), token="t")
     with pytest.raises(ServeError, match="nothing to serve"):
         FeedServer(hub)
+    with pytest.raises(ServeError, match="nothing to serve"):
+        FeedServer(hub, ws=None, ingest_listen=LOCAL)  # an address for publishers, but no publishers' routes
 
 
 async def test_browser_origins_are_checked():
@@ -354,17 +409,47 @@ async def test_client_count_limit_and_message_size_limit():
         await asyncio.sleep(0.1)
         async with connect(ws_url(srv)) as ws:  # a place is free again
             assert json.loads(await ws.recv())["type"] == "hello"
-        big = clients[1]
-        await big.send(json.dumps({"type": "subscribe", "streams": ["x" * 200] * 20}))
-        with pytest.raises(ConnectionClosed) as e:
-            while True:
-                await asyncio.wait_for(big.recv(), 5)
-        assert e.value.rcvd.code == 1009  # message too big
+        watcher = await connect(ws_url(srv, http=False))
+        await read_until_history_end(watcher)
+        for big in clients[1:]:  # one on --ws, one on --http
+            await big.send(json.dumps({"type": "subscribe", "streams": ["x" * 200] * 20}))
+            with pytest.raises(ConnectionClosed) as e:
+                while True:
+                    await asyncio.wait_for(big.recv(), 5)
+            assert e.value.rcvd.code == 1009  # message too big
         await asyncio.sleep(0.1)
         assert len(srv.hub.clients) == 1  # the others are unaffected
         bus.publish(started("a"))
-        assert json.loads(await asyncio.wait_for(clients[2].recv(), 5))["type"] == "stream_started"
-        await clients[2].close()
+        assert json.loads(await asyncio.wait_for(watcher.recv(), 5))["type"] == "stream_started"
+        await watcher.close()
+
+
+async def test_pings_keep_answering_clients_and_drop_silent_ones():
+    async def silent(port, path):
+        """A websocket client that reads everything and answers nothing, pings included."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 101 ")
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    async with feed(ping_interval=0.3, ping_timeout=0.3) as (srv, bus):
+        answering = [await connect(ws_url(srv, http=http)) for http in (True, False)]
+        for ws in answering:
+            await read_until_history_end(ws)
+        t0 = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(silent(srv.http_address.port, "/ws"), silent(srv.ws_address.port, "/")),
+                               10)
+        assert time.monotonic() - t0 < 5
+        await asyncio.sleep(0.3)
+        assert len(srv.hub.clients) == 2
+        bus.publish(started("a"))
+        for ws in answering:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "stream_started"
+            await ws.close()
 
 
 # --- HTTP: panel files, metrics -----------------------------------------------------------------
@@ -388,8 +473,18 @@ async def test_http_serves_the_panel_files_safely(panel):
                     "/static/..%2f..%2foutside.txt", "/static/vendor%5c..%5cpanel.js", "/nothing", "/index.htm"):
             assert (await http_get(port, bad))[0] == 404, bad
         assert (await http_get(port, "/static/panel.js", method="DELETE"))[0] == 405
+        status, h, _ = await http_get(port, "/whip", method="POST", body=b"v=0\r\n")  # no ingest here
+        assert status == 405 and h["allow"] == "GET, HEAD"
         status, _, body = await http_get(port, "/ws")  # no upgrade
         assert status == 426
+        # Connections stay open between requests (HTTP/1.1 keep-alive).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):
+            writer.write(f"GET /static/panel.js HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"close" not in head.lower()
+            assert await asyncio.wait_for(reader.readexactly(17), 10) == b"console.log('hi')"
+        writer.close()
 
 
 async def test_the_default_panel_folder_is_served():
@@ -439,3 +534,98 @@ async def test_metrics_parse_with_prometheus_own_parser_and_ended_streams_leave_
             m = await scrape()
             assert not [k for k in m if ("stream", "a") in k[1]], "no series left for the ended stream"
             assert ("scoreq_live_mos", (("stream", "b"),)) in m and m[("scoreq_live_streams", ())] == 1
+
+
+# --- closing --------------------------------------------------------------------------------------------
+
+
+async def test_close_says_going_away_to_every_client_and_cuts_the_ones_that_read_nothing():
+    async with feed(hub_kw=dict(queue_size=20, stall_s=60), send_buffer_bytes=8192) as (srv, bus):
+        bus.publish(started("a"))
+        codes: dict[str, int | None] = {}
+
+        async def read_to_the_end(name, ws):
+            try:
+                async for _ in ws:
+                    pass
+            finally:
+                codes[name] = ws.close_code
+
+        readers = []
+        for http in (True, False):
+            ws = await connect(ws_url(srv, http=http))
+            readers.append(asyncio.create_task(read_to_the_end("http" if http else "ws", ws)))
+        port = {True: srv.http_address.port, False: srv.ws_address.port}
+        stalled = [await connect(ws_url(srv, http=http), sock=small_rcvbuf_socket(port[http]), max_queue=1)
+                   for http in (True, False)]
+        for w in range(2000):  # far more than the stalled clients' buffers hold: their writers wait
+            bus.publish(score("a", w))
+            if w % 50 == 0:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+        assert len(srv.hub.clients) == 4 and srv.hub.dropped > 0
+        t0 = time.monotonic()
+        await asyncio.wait_for(srv.close(), 10)
+        took = time.monotonic() - t0
+        await asyncio.wait_for(asyncio.gather(*readers), 5)
+        assert codes == {"http": 1001, "ws": 1001}, codes
+        print(f"\nclose took {took:.2f}s")
+        assert took < 6, f"close took {took:.1f}s"
+        assert not srv.hub.clients and not srv._conns
+        for ws in stalled:
+            ws.transport.abort()
+
+
+# --- inputs fed over HTTP (the ingest hook) ---------------------------------------------------------------
+
+
+async def test_ingest_routes_on_the_http_server_and_on_a_site_of_their_own_under_the_same_rules(panel):
+    routes, lines = EchoRoutes(), []
+    async with feed(token="s3cret", panel_dir=panel, ingest=routes, ingest_listen=LOCAL,
+                    notify=lines.append) as (srv, bus):
+        http_port, own_port = srv.http_address.port, srv.ingest_address.port
+        auth = {"Authorization": "Bearer s3cret"}
+        for port in (http_port, own_port):
+            line = f"publish: http://127.0.0.1:{port}/whip (WHIP), ws://127.0.0.1:{port}/media (media streams)"
+            assert line in lines, lines
+            status, h, body = await http_get(port, "/whip", auth, method="POST", body=b"v=0\r\n")
+            assert status == 201 and body == b"v=0\r\n" and h["content-type"] == "application/sdp"
+            assert h["server"] == f"scoreq-live/{__version__}" and h["cache-control"] == "no-store"
+            assert (await http_get(port, "/whip?token=s3cret", method="POST", body=b"x"))[0] == 201
+            status, h, _ = await http_get(port, "/whip", method="POST", body=b"x")
+            assert status == 401 and h["www-authenticate"].startswith("Bearer")
+            assert (await http_get(port, "/whip?token=wrong", method="POST", body=b"x"))[0] == 401
+            # A page whose name re-resolves to 127.0.0.1 (DNS rebinding) publishes nothing.
+            status, _, body = await http_get(port, "/whip", {**auth, "Host": f"attacker.example:{port}"},
+                                             method="POST", body=b"x")
+            assert status == 403 and b"host" in body
+            assert (await http_get(port, "/media", auth))[2] == b"media"
+            assert (await http_get(port, "/media"))[0] == 401
+            status, _, _ = await http_get(port, "/whip", auth, method="POST", body=b"x" * (1024 * 1024 + 1))
+            assert status == 413  # the server's limit on request bodies: 1 MiB
+        assert routes.bodies == [b"v=0\r\n", b"x"] * 2
+        # The site of their own serves the ingest's routes and nothing else.
+        for path in ("/", "/index.html", "/static/panel.js", "/metrics?token=s3cret", "/ws?token=s3cret", "/x"):
+            status, h, _ = await http_get(own_port, path, auth)
+            assert status == 404 and h["server"] == f"scoreq-live/{__version__}", path
+        code, _ = await refused(f"ws://127.0.0.1:{own_port}/ws?token=s3cret")
+        assert code == 404
+        assert (await http_get(own_port, "/whip", auth))[0] == 405  # POST only
+        # Beside them, the HTTP server still serves the panel and the feed, and refuses what nobody takes.
+        status, h, _ = await http_get(http_port, "/")
+        assert status == 200 and h["server"] == f"scoreq-live/{__version__}"
+        async with connect(ws_url(srv) + "?token=s3cret") as ws:
+            assert json.loads(await ws.recv())["type"] == "hello"
+        assert (await http_get(http_port, "/whip/abc", auth, method="DELETE"))[0] == 405
+        assert (await http_get(http_port, "/whip", auth))[0] == 404
+        assert (await http_get(http_port, "/nothing"))[0] == 404
+
+
+async def test_a_site_for_publishers_alone():
+    lines = []
+    async with feed(ws=None, http=None, ingest=EchoRoutes(), ingest_listen=LOCAL, notify=lines.append) as (srv, bus):
+        port = srv.ingest_address.port
+        assert srv.http_address is None and srv.ws_address is None
+        assert lines == [f"publish: http://127.0.0.1:{port}/whip (WHIP), ws://127.0.0.1:{port}/media (media streams)"]
+        assert (await http_get(port, "/whip", method="POST", body=b"v=0"))[:3:2] == (201, b"v=0")
+        assert (await http_get(port, "/"))[0] == 404

@@ -1,12 +1,13 @@
 """What the feed's servers answer to a request, decided without any I/O on sockets.
 
-The feed's two servers (:mod:`scoreq_live.sinks.server`) call into this module
-from the websockets library's ``process_request`` hook, the way that library
+The feed's two servers (:mod:`scoreq_live.sinks.server`) call into this module,
+the websockets server (``--ws``) from its ``process_request`` hook, the aiohttp
+server (``--http``) from its request handler, the way the websockets library
 keeps its own handshake checks in a sans-I/O layer: a request goes in (method,
 path, headers), together with the server's settings (:class:`FeedPolicy`) and
 the little live state a decision needs (the number of connected clients, the
 metrics), and either a finished HTTP :class:`~websockets.http11.Response` comes
-out, or None: go on with the websocket handshake.  Nothing here touches a socket
+out (the aiohttp server converts it), or None: go on with the websocket handshake.  Nothing here touches a socket
 or an event loop, so every refusal and every acceptance is testable with plain
 data; the only I/O is reading the panel's own files from disk.
 
@@ -33,7 +34,7 @@ from scoreq_live.sinks.feed import SubscriptionError, parse_streams
 
 __all__ = [
     "PANEL_DIR", "FeedPolicy", "HttpRequest", "Listen", "Metrics", "ServeError", "content_type", "parse_listen",
-    "response", "static_file", "subscription",
+    "not_upgraded", "response", "static_file", "subscription",
 ]
 
 PANEL_DIR = Path(__file__).resolve().parent / "panel"
@@ -170,7 +171,11 @@ class HttpRequest:
 
 def response(status: int, body: bytes | str, ctype: str = "text/plain; charset=utf-8",
              headers: Mapping[str, str] | None = None, head: bool = False) -> Response:
-    """A complete HTTP response: never cached, never sniffed, connection closed; no body for HEAD."""
+    """A complete HTTP response: never cached, never sniffed, connection closed; no body for HEAD.
+
+    ``Connection: close`` is for the websockets server, which closes after any
+    plain HTTP answer; the aiohttp server leaves it out and keeps connections alive.
+    """
     if isinstance(body, str):
         body = body.encode()
     h = Headers()
@@ -183,6 +188,18 @@ def response(status: int, body: bytes | str, ctype: str = "text/plain; charset=u
     for k, v in (headers or {}).items():
         h[k] = v
     return Response(status, HTTPStatus(status).phrase, h, b"" if head else body)
+
+
+def not_upgraded(request: HttpRequest) -> Response:
+    """The answer to a request for the feed that passed every check but is no websocket handshake.
+
+    405 for methods other than GET and HEAD, else 426 (the server found no
+    ``Upgrade: websocket``; HEAD never upgrades).
+    """
+    if request.method not in ("GET", "HEAD"):
+        return response(405, "only GET and HEAD\n", headers={"Allow": "GET, HEAD"})
+    return response(426, "this is the websocket feed: connect with a websocket client\n",
+                    headers={"Upgrade": "websocket"}, head=request.method == "HEAD")
 
 
 def subscription(query: Mapping[str, list[str]]) -> frozenset[str] | None:
