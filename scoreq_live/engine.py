@@ -94,6 +94,8 @@ class Engine:
         self._inputs: dict[str, Source] = {}  # the source of each live stream
         self._tasks: set[asyncio.Task[None]] = set()  # pumps and stream sets still running
         self._set_tasks: set[asyncio.Task[None]] = set()  # the stream sets' own tasks among them
+        self._endpoints: set[asyncio.Task[None]] = set()  # the endpoints' own tasks among those (StreamSet.endpoint)
+        self._inputs_end = False  # True when some input is not an endpoint: the run ends when those have ended
         self._idle = asyncio.Event()  # set when no task is left
         self.streams_seen = 0  # streams attached since start
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)
@@ -124,7 +126,12 @@ class Engine:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._set_tasks.discard(task)
-        if not self._tasks:
+        self._endpoints.discard(task)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        # Idle: nothing runs but endpoints waiting for publishers, and some input was not an endpoint.
+        if not self._tasks or (self._inputs_end and self._tasks <= self._endpoints):
             self._idle.set()
 
     def _unique(self, name: str) -> str:
@@ -148,6 +155,7 @@ class Engine:
         try:
             async for source in group.streams():
                 self.attach(source)
+                del source  # the engine's reference is in _inputs, dropped when the stream ends
         except asyncio.CancelledError:
             raise
         except SourceError as e:
@@ -240,35 +248,37 @@ class Engine:
         return batch
 
     async def _score_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
             if isinstance(first, _Stop):
                 return
-            batch = await self._collect(first)
-            audio = [w.audio for _, w in batch]
-            t0 = time.perf_counter()
-            values: Sequence[float | None]
-            reason: SkipReason | None = None
-            try:
-                values = list(await loop.run_in_executor(self._executor, self.scorer.score, audio))
-            except Exception as e:
-                log.error("scoring a batch of %d windows failed: %s", len(batch), e)
-                values, reason = [None] * len(batch), ERROR
-            took = time.perf_counter() - t0
-            self.batches.append(len(batch))
-            self.runs += 1
-            self.windows_run += len(batch)
-            for observe in self.batch_observers:
-                observe(len(batch), took)
-            touched: dict[str, StreamCore] = {}
-            for (core, w), v in zip(batch, values):
-                core.resolve(w, None if v is None else float(v), reason)
-                touched[core.name] = core
-            for core in touched.values():
-                self._publish_drained(core)
+            await self._score_batch(await self._collect(first))
+            del first  # hold nothing of a batch while waiting for the next: ended streams are freed now
             async with self._resolved:
                 self._resolved.notify_all()
+
+    async def _score_batch(self, batch: list[tuple[StreamCore, Window]]) -> None:
+        audio = [w.audio for _, w in batch]
+        t0 = time.perf_counter()
+        values: Sequence[float | None]
+        reason: SkipReason | None = None
+        try:
+            values = list(await asyncio.get_running_loop().run_in_executor(self._executor, self.scorer.score, audio))
+        except Exception as e:
+            log.error("scoring a batch of %d windows failed: %s", len(batch), e)
+            values, reason = [None] * len(batch), ERROR
+        took = time.perf_counter() - t0
+        self.batches.append(len(batch))
+        self.runs += 1
+        self.windows_run += len(batch)
+        for observe in self.batch_observers:
+            observe(len(batch), took)
+        touched: dict[str, StreamCore] = {}
+        for (core, w), v in zip(batch, values):
+            core.resolve(w, None if v is None else float(v), reason)
+            touched[core.name] = core
+        for core in touched.values():
+            self._publish_drained(core)
 
     def stop(self) -> None:
         """End all streams now (their ``stream_ended`` says ``stopped``); safe from a signal handler."""
@@ -282,11 +292,16 @@ class Engine:
         """
         scorer_task = asyncio.create_task(self._score_loop(), name="scorer")
         self._idle.set()
+        self._inputs_end = any(not (isinstance(s, StreamSet) and s.endpoint) for s in self.sources)
         for s in self.sources:
             if isinstance(s, StreamSet):
-                self._set_tasks.add(self._spawn(self._watch(s), f"input:{s.name}"))
+                task = self._spawn(self._watch(s), f"input:{s.name}")
+                self._set_tasks.add(task)
+                if s.endpoint:
+                    self._endpoints.add(task)
             else:
                 self.attach(s)
+        self._check_idle()
         stopper = asyncio.create_task(self._stop.wait(), name="stop")
         idle = asyncio.create_task(self._idle.wait(), name="idle")
         either: set[asyncio.Future[Any]] = {idle, stopper}

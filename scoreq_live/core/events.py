@@ -18,9 +18,10 @@ Mode = Literal["nr", "ref"]
 """nr: a MOS 1-5 per window; ref: the distance to a clean reference's embeddings (lower is better)."""
 SkipReason = Literal["silent", "no_speech", "overloaded", "error", "stopped"]
 """Why a window has no score: too quiet, too little speech, the scorer was behind, it failed, the monitor stopped."""
-EndReason = Literal["eof", "stopped", "error", "inactive", "bye"]
+EndReason = Literal["eof", "stopped", "error", "inactive", "bye", "closed", "disconnected"]
 """Why a stream ended: its input ended, the monitor was stopped, the input failed, no packets came for the
-timeout (RTP), or the sender said goodbye (RTCP BYE)."""
+timeout (RTP, WebRTC, media websockets), the sender said goodbye (RTCP BYE), the publisher ended it (WHIP
+``DELETE``, a media websocket's ``stop`` or close), or its connection was lost (ICE failed, websocket dropped)."""
 StreamState = Literal["live", "ended", "stopped", "error"]
 """A stream's state as the outputs show it (``eof`` shows as ``ended``)."""
 
@@ -242,7 +243,7 @@ def state_after(ev: Event) -> StreamState | None:
     if isinstance(ev, StreamEnded):
         if ev.reason in ("stopped", "error"):
             return "stopped" if ev.reason == "stopped" else "error"
-        return "ended"  # eof, inactive, bye
+        return "ended"  # eof, inactive, bye, closed, disconnected
     if isinstance(ev, StreamError):
         return "error"
     return None

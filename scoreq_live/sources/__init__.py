@@ -8,10 +8,9 @@ stream (for RTP and captures: the prefix of their streams' names).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from scoreq_live.sources.base import Normaliser, Source, SourceError, StreamSet
+from scoreq_live.sources.base import STREAM_NAME, Normaliser, Source, SourceError, StreamSet
 from scoreq_live.sources.device import DeviceSource
 from scoreq_live.sources.file import FileSource
 
@@ -22,14 +21,11 @@ Input = Source | StreamSet
 """What one ``--input`` opens: one stream, or an input whose streams come and go."""
 _INPUTS = "'mic', 'mic:NAME_OR_INDEX', a file, rtp://HOST:PORT, an .sdp file or pcap:FILE"
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-
-
 def parse_input(spec: str) -> tuple[str | None, str]:
     """Split ``NAME=SPEC`` into (name, spec); a bare spec gives (None, spec)."""
     if "=" in spec and not Path(spec).exists():
         name, rest = spec.split("=", 1)
-        if _NAME.match(name) and rest:
+        if STREAM_NAME.match(name) and rest:
             return name, rest
     return None, spec
 

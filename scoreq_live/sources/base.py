@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
@@ -13,6 +14,9 @@ from scoreq_live.audio import to_mono_float
 from scoreq_live.core import SAMPLE_RATE
 from scoreq_live.core.events import EndReason, NetQuality
 from scoreq_live.errors import ScoreqLiveError
+
+STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+"""What a stream name given by a user or a publisher may be (``NAME=`` inputs, WHIP ``?stream=``)."""
 
 
 class SourceError(ScoreqLiveError):
@@ -108,6 +112,10 @@ class StreamSet(abc.ABC):
     """
 
     kind: ClassVar[str] = "streams"
+    #: An endpoint waits for publishers (WHIP, media websockets) rather than being an input of its own: a
+    #: monitor whose other inputs have all ended stops once the endpoints' live streams have ended too; a
+    #: monitor with endpoints only runs until it is stopped.
+    endpoint: ClassVar[bool] = False
 
     def __init__(self, name: str, detail: str = "") -> None:
         self.name = name

@@ -309,7 +309,7 @@
 
   function onStreamEnded(ev) {
     const s = stream(ev.stream);
-    s.state = ev.reason === "error" ? "error" : ev.reason === "stopped" ? "stopped" : "ended";  // eof, inactive, bye: ended
+    s.state = ev.reason === "error" ? "error" : ev.reason === "stopped" ? "stopped" : "ended";  // eof, inactive, bye, closed, disconnected: ended
     s.endedAt = performance.now();
     touch(s, false);
     headerDirty = true;
