@@ -1,0 +1,1 @@
+"""Inputs fed through the HTTP server: WebRTC (WHIP) and media-stream websockets."""
