@@ -79,6 +79,17 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed to connect besides the panel's own (repeatable; '*': any)")
     g.add_argument("--max-clients", type=int, default=256, metavar="N", help="websocket clients at once (default 256)")
+    w = p.add_argument_group("publishers: WebRTC (WHIP) and media-stream websockets, on --http and --whip")
+    w.add_argument("--whip", metavar="HOST:PORT", help="serve only the publishers' endpoints (POST /whip, "
+                                                      "/media websockets) here, e.g. 127.0.0.1:8088 (they are also "
+                                                      "on --http when given)")
+    w.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="IP address of this machine WebRTC sessions offer (repeatable; default: every interface "
+                        "but loopback; 127.0.0.1 for publishers on this machine)")
+    w.add_argument("--stun", action="append", default=[], metavar="stun:HOST:PORT",
+                   help="STUN server for a public candidate when the monitor is behind NAT (repeatable)")
+    w.add_argument("--max-sessions", type=int, default=64, metavar="N",
+                   help="WebRTC sessions at once, and media websockets at once (default 64; more get 503)")
     g.add_argument("--history-s", type=float, default=300.0, metavar="S",
                    help="seconds of each stream's history sent to a new client (default 300)")
     g.add_argument("--bands", metavar="GOOD,FAIR", help="colour bands for the panel: MOS >= GOOD good, >= FAIR fair "
@@ -91,14 +102,16 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
                         "--http is given, else 0)")
 
 
-def _monitor_args(p: argparse.ArgumentParser, inputs_required: bool) -> None:
-    p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC", required=inputs_required,
+def _monitor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC",
                    help="'mic', 'mic:NAME_OR_INDEX', an audio file, rtp://HOST:PORT[?codec=opus&pt=111] (a stream "
-                        "per sender), an .sdp file or pcap:FILE (replay a capture); repeat for several")
+                        "per sender), an .sdp file or pcap:FILE (replay a capture); repeat for several; none: "
+                        "only streams published to --http / --whip")
     p.add_argument("--fast", action="store_true", help="play files and captures as fast as scoring allows (same "
                                                          "windows and scores)")
     p.add_argument("--rtp-timeout", type=float, metavar="S",
-                   help="an RTP sender silent for S seconds has ended (default 5)")
+                   help="an RTP sender, WebRTC publisher or media websocket silent for S seconds has ended "
+                        "(default 5)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--jsonl", metavar="PATH|-", help="write every event as a JSON line")
     p.add_argument("--no-tui", action="store_true", help="no terminal panel (for services and pipes)")
@@ -112,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"scoreq-live {__version__}")
     sub = p.add_subparsers(dest="command")
     m = sub.add_parser("monitor", help="score live inputs (the default command)")
-    _monitor_args(m, inputs_required=True)
+    _monitor_args(m)
     d = sub.add_parser("demo", help="monitor the bundled example recordings (no sound card, no network)")
-    _monitor_args(d, inputs_required=False)
+    _monitor_args(d)
     s = sub.add_parser("score", help="score files, folders and list files offline")
     s.add_argument("paths", nargs="+", metavar="PATH",
                    help="audio file, packet capture (.pcap/.pcapng: one result per RTP stream), folder (searched "
@@ -148,7 +161,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
     """The monitor flags as options: the only thing the command line decides."""
     import os
 
-    from scoreq_live.monitor import FeedOptions, MonitorOptions
+    from scoreq_live.monitor import FeedOptions, IngestOptions, MonitorOptions
     from scoreq_live.sinks.server import DEFAULT_WS_PORT, TOKEN_ENV
 
     feed = None
@@ -159,7 +172,9 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
                            max_clients=a.max_clients, history_s=a.history_s)
     return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
-                          jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout)
+                          jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout,
+                          ingest=IngestOptions(listen=a.whip, ice_hosts=tuple(a.ice_host), stun=tuple(a.stun),
+                                               max_sessions=a.max_sessions))
 
 
 def demo_inputs() -> list[str]:
@@ -194,7 +209,9 @@ def cmd_monitor(a: argparse.Namespace) -> int:
     else:
         monitor.sinks.append(TerminalSink(console, title=f"scoreq-live · {model.describe()}", bands=monitor.bands))
     linger = opts.linger_s
-    if linger > 0 and opts.feed is not None and opts.feed.explicit and not a.quiet:
+    if not opts.inputs and not a.quiet:
+        console.print("no --input: waiting for published streams (Ctrl-C to stop)", highlight=False)
+    elif linger > 0 and opts.feed is not None and opts.feed.explicit and not a.quiet:
         console.print("the feed stays up after the inputs end" + ("" if linger == float("inf") else
                       f" for {linger:g}s") + " (Ctrl-C to stop)", highlight=False)
     try:

@@ -32,6 +32,7 @@ from scoreq_live.sinks.base import Sink
 from scoreq_live.sources import Input, open_inputs
 
 if TYPE_CHECKING:
+    from scoreq_live.ingest.http import IngestRoutes
     from scoreq_live.scoring.download import Progress
     from scoreq_live.scoring.references import StoredReference
     from scoreq_live.scoring.session import OnnxModel
@@ -92,6 +93,23 @@ class FeedOptions:
 
 
 @dataclass(frozen=True)
+class IngestOptions:
+    """Publishers: WebRTC (WHIP at ``/whip``) and media-stream websockets (``/media``).
+
+    Served on the ``--http`` server, and on ``listen`` (``--whip HOST:PORT``)
+    by a server of their own that serves nothing else.  ``ice_hosts``: the
+    addresses WebRTC sessions gather candidates on (empty: every interface
+    but loopback); ``stun``: STUN servers for a public candidate behind NAT;
+    ``max_sessions``: WHIP sessions (and, apart, media websockets) at once.
+    """
+
+    listen: str | None = None
+    ice_hosts: Sequence[str] = ()
+    stun: Sequence[str] = ()
+    max_sessions: int = 64
+
+
+@dataclass(frozen=True)
 class MonitorOptions:
     """Everything a monitor is: inputs, scoring, alerts, feed and outputs."""
 
@@ -103,6 +121,7 @@ class MonitorOptions:
     alerts: Sequence[str] = ()  # rules such as "mos<3.0 for 10s" (scoreq_live.core.alerts)
     alert_webhook: str | None = None  # POST alerts here
     feed: FeedOptions | None = None  # None: no network feed
+    ingest: IngestOptions = field(default_factory=IngestOptions)  # publishers, when --http or --whip is given
     bands: str | None = None  # GOOD,FAIR colour bands for the panels; None: the mode's defaults
     jsonl: str | None = None  # write every event here ('-': stdout)
     # Seconds to keep serving the feed after the inputs end; None: until stopped when the feed
@@ -110,6 +129,11 @@ class MonitorOptions:
     linger: float | None = None
     batch_wait_s: float = 0.01
     max_pending: int = 256
+
+    @property
+    def publishers(self) -> bool:
+        """Whether publishers can send streams (WHIP, media websockets): with ``--http`` or ``--whip``."""
+        return self.ingest.listen is not None or (self.feed is not None and self.feed.http is not None)
 
     @property
     def linger_s(self) -> float:
@@ -208,8 +232,37 @@ def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredRefere
 def open_sources(opts: MonitorOptions) -> list[Input]:
     """Every input, each opened once to check it (a typo, a missing sound card, a port in use is reported now)."""
     if not opts.inputs:
-        raise ConfigError("no --input given")
+        if opts.publishers:
+            return []  # a monitor that only takes published streams (WHIP, media websockets)
+        raise ConfigError("no --input given (or give --http / --whip and publish streams to the monitor)")
     return open_inputs(list(opts.inputs), fast=opts.fast, rtp_timeout_s=opts.rtp_timeout_s)
+
+
+def open_endpoints(opts: MonitorOptions) -> IngestRoutes | None:
+    """The publishers' endpoints (WHIP and media websockets) when ``--http`` or ``--whip`` is given."""
+    if not opts.publishers:
+        return None
+    from scoreq_live.ingest.http import IngestRoutes
+    from scoreq_live.ingest.ice import IceError, check_hosts
+    from scoreq_live.ingest.media import MediaIngest
+    from scoreq_live.ingest.whip import WhipIngest, WhipSettings
+    from scoreq_live.sources.rtp import DEFAULT_TIMEOUT_S
+
+    ing = opts.ingest
+    if ing.max_sessions < 1:
+        raise ConfigError(f"--max-sessions must be at least 1 (got {ing.max_sessions})")
+    for url in ing.stun:
+        if not url.startswith("stun:") or not url[5:]:
+            raise ConfigError(f"--stun {url!r}: expected stun:HOST[:PORT], e.g. stun:stun.example.net:3478")
+    try:
+        hosts = check_hosts(ing.ice_hosts)
+    except IceError as e:
+        raise ConfigError(str(e)) from None
+    timeout = opts.rtp_timeout_s or DEFAULT_TIMEOUT_S
+    whip = WhipIngest(WhipSettings(ice_hosts=hosts, stun=tuple(ing.stun), max_sessions=ing.max_sessions,
+                                   timeout_s=timeout))
+    media = MediaIngest(timeout_s=timeout, max_sessions=ing.max_sessions)
+    return IngestRoutes(whip, media)
 
 
 def parse_alerts(rules: Sequence[str]) -> list[AlertRule]:
@@ -305,7 +358,11 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
 
     sources = sources if sources is not None else open_sources(opts)
     rules = parse_alerts(opts.alerts)
-    listen = _feed_addresses(opts.feed) if opts.feed is not None else None
+    listen = _feed_addresses(opts.feed) if opts.feed is not None else (None, None)
+    ingest_listen = _ingest_address(opts.ingest, *listen)
+    endpoints = open_endpoints(opts)
+    if endpoints is not None:
+        sources = [*sources, *endpoints.inputs]
     if opts.alert_webhook:
         check_url(opts.alert_webhook)
     scoring = scoring or load_scorer(opts.scoring, progress=progress)
@@ -316,8 +373,8 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     monitor = Monitor(opts, sources, scoring, rules, bands)
     if opts.jsonl:
         monitor.sinks.append(JsonlSink(opts.jsonl))
-    if opts.feed is not None and listen is not None:
-        _add_feed(monitor, opts.feed, *listen, notify)
+    if opts.feed is not None or endpoints is not None:
+        _add_feed(monitor, opts.feed or FeedOptions(ws=None), *listen, notify, endpoints, ingest_listen)
     if opts.alert_webhook:
         hook = WebhookSink(opts.alert_webhook)
         monitor.sinks.append(hook)
@@ -338,13 +395,27 @@ def _feed_addresses(feed: FeedOptions) -> tuple[Listen | None, Listen | None]:
     return ws, http
 
 
+def _ingest_address(ingest: IngestOptions, ws: Listen | None, http: Listen | None) -> Listen | None:
+    from scoreq_live.sinks.server import DEFAULT_HTTP_PORT, parse_listen
+
+    if ingest.listen is None:
+        return None
+    where = parse_listen(ingest.listen, DEFAULT_HTTP_PORT)
+    for other, flag in ((ws, "--ws"), (http, "--http")):
+        if other is not None and other.port == where.port and where.port != 0:
+            raise ConfigError(f"--whip and {flag} both on port {where.port}"
+                              + ("; the --http server serves /whip and /media too" if flag == "--http" else ""))
+    return where
+
+
 def _add_feed(monitor: Monitor, feed: FeedOptions, ws: Listen | None, http: Listen | None,
-              notify: Notify | None) -> None:
+              notify: Notify | None, endpoints: IngestRoutes | None = None,
+              ingest_listen: Listen | None = None) -> None:
     from scoreq_live.sinks.feed import FeedHub, FeedInfo
     from scoreq_live.sinks.metrics import MetricsSink
     from scoreq_live.sinks.server import FeedServer
 
-    if ws is None and http is None:
+    if ws is None and http is None and ingest_listen is None:
         return
     stream = monitor.scoring.stream
     hub = FeedHub(FeedInfo(model=stream.model, mode=stream.mode, window_s=stream.window_s, hop_s=stream.hop_s,
@@ -356,7 +427,8 @@ def _add_feed(monitor: Monitor, feed: FeedOptions, ws: Listen | None, http: List
     monitor.feed = FeedServer(hub, ws, http, ws_required=feed.ws_required,
                               token=feed.token, allowed_origins=feed.allowed_origins,
                               max_clients=feed.max_clients,
-                              metrics=monitor.metrics.render if monitor.metrics else None, notify=notify)
+                              metrics=monitor.metrics.render if monitor.metrics else None, notify=notify,
+                              ingest=endpoints, ingest_listen=ingest_listen)
     monitor.sinks.append(monitor.feed)
 
 

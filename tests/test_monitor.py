@@ -56,7 +56,7 @@ def test_the_builder_returns_every_part_the_options_ask_for(loaded, tmp_path):
     opts = MonitorOptions(inputs=[f"a={DEMO}"], alerts=["mos<3 for 5s"], bands="4.2,3.2", jsonl=str(tmp_path / "e"),
                           feed=FeedOptions(ws="127.0.0.1:0", http="127.0.0.1:0", allowed_origins=("http://x",)))
     m = build_monitor(opts, scoring=loaded)
-    assert [s.name for s in m.sources] == ["a"]
+    assert [s.name for s in m.sources] == ["a", "webrtc", "media"]  # --http also takes published streams
     assert m.scoring is loaded and m.scoring.stream.window_s == pytest.approx(7.68)
     assert [r.text for r in m.rules] == ["mos<3.0 for 5s"]
     assert (m.bands.good, m.bands.fair) == (4.2, 3.2)
