@@ -37,6 +37,16 @@ FLAGS = [
 ]
 
 
+# WebRTC between the page and a server on 127.0.0.1: Chromium leaves loopback candidates out unless told.
+WEBRTC_LOOPBACK = "--allow-loopback-in-peer-connection"
+
+
+def fake_microphone(wav: str | os.PathLike[str]) -> list[str]:
+    """Flags for a microphone that plays ``wav`` (16-bit PCM WAV, looped) with getUserMedia allowed unasked."""
+    return ["--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={os.fspath(wav)}",
+            "--use-fake-ui-for-media-stream", WEBRTC_LOOPBACK]
+
+
 def chromium_path() -> str | None:
     for p in CHROMIUM_CANDIDATES:
         if os.access(p, os.X_OK):
