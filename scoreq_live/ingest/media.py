@@ -75,7 +75,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from scoreq_live.core.events import EndReason
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.rtp.codecs import G711Decoder, codec_by_name
-from scoreq_live.sources.base import STREAM_NAME, Source, SourceError, StreamSet
+from scoreq_live.sources.base import STREAM_NAME, PushSource, Source, StreamSet
 
 __all__ = [
     "CallStopped", "MediaEvent", "MediaIngest", "MediaQuery", "MediaSource", "ProtocolError", "QueryError",
@@ -499,66 +499,13 @@ class RawParser:
 # ------------------------------------------------------------------------------------------------- sources
 
 
-class MediaSource(Source):
+class MediaSource(PushSource):
     """One track of a media websocket: the audio its connection pushes, at the format's rate."""
 
     kind = "media"
 
     def __init__(self, name: str, rate: int, detail: str, backlog_s: float = BACKLOG_S) -> None:
-        super().__init__(name, detail)
-        self.rate = rate
-        self.channels = 1
-        self._chunks: collections.deque[np.ndarray] = collections.deque()
-        self._queued = 0  # samples in _chunks
-        self._max = max(int(backlog_s * rate), 1)
-        self._dropped = 0  # samples dropped because the engine fell behind
-        self._wake = asyncio.Event()
-        self.done = False
-        self.failure: str | None = None
-
-    def push(self, samples: np.ndarray) -> None:
-        if self.done or not samples.size:
-            return
-        self._chunks.append(samples)
-        self._queued += samples.size
-        while self._queued > self._max and len(self._chunks) > 1:
-            old = self._chunks.popleft()
-            self._queued -= old.size
-            self._dropped += old.size
-        self._wake.set()
-
-    def end(self, reason: EndReason) -> None:
-        """No more audio: the stream ends with ``reason`` once the engine has taken what is queued."""
-        if self.done:
-            return
-        self.end_reason = reason
-        self.done = True
-        self._wake.set()
-
-    def fail(self, error: str) -> None:
-        """The connection broke the protocol: the stream fails with ``error`` (queued audio is still scored)."""
-        if self.done:
-            return
-        self.failure = error
-        self.done = True
-        self._wake.set()
-
-    @property
-    def dropped_s(self) -> float:
-        return self._dropped / self.rate
-
-    async def frames(self) -> AsyncIterator[np.ndarray]:
-        while True:
-            while self._chunks:
-                chunk = self._chunks.popleft()
-                self._queued -= chunk.size
-                yield chunk
-            if self.done:
-                if self.failure is not None:
-                    raise SourceError(self.failure)
-                return
-            self._wake.clear()
-            await self._wake.wait()
+        super().__init__(name, detail, rate, backlog_s)
 
 
 # ------------------------------------------------------------------------------------------------- ingest

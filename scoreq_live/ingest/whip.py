@@ -89,9 +89,7 @@ class WebRtcSource(RtpSource):
         """Go on with a new SSRC's receiver (a sender that restarted its track): the old one's rest first."""
         if self.stream is not None:
             self.deliver()
-            rest = self.stream.finish()
-            if rest.size:
-                self._chunks.append(rest)
+            self.push(self.stream.finish())
         self.stream = stream
 
 

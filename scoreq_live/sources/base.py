@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import collections
 import re
 from collections.abc import AsyncIterator
 from typing import ClassVar
@@ -100,6 +102,74 @@ class Source(abc.ABC):
             tail = norm.flush()
             if tail.size:
                 yield tail
+
+
+class PushSource(Source):
+    """A stream whose audio another part pushes in: a port's RTP receiver, a WebRTC session, a websocket.
+
+    The producer calls :meth:`push` with mono float32 audio at :attr:`rate`, then :meth:`end` (the stream
+    ends with that reason once the engine has taken what is queued) or :meth:`fail` (it ends with a
+    ``stream_error`` saying why, after the queued audio).  ``backlog_s``: at most this much audio waits
+    for the engine, older audio is dropped and reported as ``input_dropped``; None: no bound, for
+    producers that never run ahead of real time.
+    """
+
+    def __init__(self, name: str, detail: str = "", rate: int = SAMPLE_RATE, backlog_s: float | None = None) -> None:
+        super().__init__(name, detail)
+        self.rate = rate
+        self.channels = 1
+        self._chunks: collections.deque[np.ndarray] = collections.deque()
+        self._queued = 0  # samples in _chunks
+        self._max = None if backlog_s is None else max(int(backlog_s * rate), 1)
+        self._dropped = 0  # samples dropped because the engine fell behind
+        self._wake = asyncio.Event()
+        self.done = False
+        self.failure: str | None = None
+
+    def push(self, samples: np.ndarray) -> None:
+        if self.done or not samples.size:
+            return
+        self._chunks.append(samples)
+        self._queued += samples.size
+        if self._max is not None:
+            while self._queued > self._max and len(self._chunks) > 1:
+                old = self._chunks.popleft()
+                self._queued -= old.size
+                self._dropped += old.size
+        self._wake.set()
+
+    def end(self, reason: EndReason) -> None:
+        """No more audio: the stream ends with ``reason`` once the engine has taken what is queued."""
+        if self.done:
+            return
+        self.end_reason = reason
+        self.done = True
+        self._wake.set()
+
+    def fail(self, error: str) -> None:
+        """The input broke: the stream fails with ``error`` (the audio already queued is still scored)."""
+        if self.done:
+            return
+        self.failure = error
+        self.done = True
+        self._wake.set()
+
+    @property
+    def dropped_s(self) -> float:
+        return self._dropped / self.rate
+
+    async def frames(self) -> AsyncIterator[np.ndarray]:
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                self._queued -= chunk.size
+                yield chunk
+            if self.done:
+                if self.failure is not None:
+                    raise SourceError(self.failure)
+                return
+            self._wake.clear()
+            await self._wake.wait()
 
 
 class StreamSet(abc.ABC):

@@ -27,11 +27,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from scoreq_live.core import SAMPLE_RATE
 from scoreq_live.core.events import NetQuality
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, parse_codec_query, parse_sdp
 from scoreq_live.rtp.receiver import NewStream, RtpDemux, RtpStream, StreamFailed, StreamGone
-from scoreq_live.sources.base import Source, SourceError, StreamSet
+from scoreq_live.sources.base import PushSource, Source, SourceError, StreamSet
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class RtpSource(Source):
+class RtpSource(PushSource):
     """One sender (SSRC) on an RTP port: the audio its jitter buffer releases, at 16 kHz."""
 
     kind = "rtp"
@@ -112,51 +111,22 @@ class RtpSource(Source):
     def __init__(self, name: str, stream: RtpStream | None, detail: str) -> None:
         super().__init__(name, detail)
         self.stream = stream
-        self.rate = SAMPLE_RATE
-        self.channels = 1
-        self._chunks: collections.deque[np.ndarray] = collections.deque()
-        self._wake = asyncio.Event()
-        self._done = False
-        self.failure: str | None = None
 
     # -- called by the port -------------------------------------------------------------------------
 
     def deliver(self) -> None:
-        if self.stream is None:
-            return
-        audio = self.stream.pull()
-        if audio.size:
-            self._chunks.append(audio)
-            self._wake.set()
+        if self.stream is not None:
+            self.push(self.stream.pull())
 
     def end(self, reason: str) -> None:
         """No more packets: release the jitter buffer's rest and end with ``reason`` (inactive, bye, eof)."""
-        if self._done:
+        if self.done:
             return
-        rest = self.stream.finish() if self.stream is not None else np.zeros(0, np.float32)
-        if rest.size:
-            self._chunks.append(rest)
-        self.end_reason = reason  # type: ignore[assignment]  # one of EndReason, by the port's contract
-        self._done = True
-        self._wake.set()
-
-    def fail(self, error: str) -> None:
-        self.failure = error
-        self._done = True
-        self._wake.set()
+        if self.stream is not None:
+            self.push(self.stream.finish())
+        super().end(reason)  # type: ignore[arg-type]  # one of EndReason, by the port's contract
 
     # -- Source -------------------------------------------------------------------------------------
-
-    async def frames(self) -> AsyncIterator[np.ndarray]:
-        while True:
-            while self._chunks:
-                yield self._chunks.popleft()
-            if self._done:
-                if self.failure is not None:
-                    raise SourceError(self.failure)
-                return
-            self._wake.clear()
-            await self._wake.wait()
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
         async for frames in self.frames():  # already 16 kHz mono float32
