@@ -200,7 +200,7 @@ def cmd_monitor(a: argparse.Namespace) -> int:
         return _err(str(e))
     model, stream = monitor.scoring.model, monitor.scoring.stream
     if not a.quiet:
-        why = "" if model.device == "cuda" or a.device == "cpu" else " (no usable CUDA provider)"
+        why = f" ({model.cpu_reason})" if model.cpu_reason else ""
         console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {stream.mode}, "
                       f"window {stream.window_s:g}s, hop {stream.hop_s:g}s", highlight=False)
     if a.no_tui:

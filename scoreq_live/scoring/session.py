@@ -9,8 +9,12 @@ round-trip through fresh host allocations.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -23,22 +27,62 @@ from scoreq_live.scoring.spec import DEVICES, Device, ModelError, ModelSpec
 log = logging.getLogger(__name__)
 
 
-def _providers(device: Device) -> list[str]:
+GPU_EXTRA = "pip install 'scoreq-live[gpu]'"
+
+
+def _cuda_driver() -> bool:
+    """Whether an NVIDIA driver is installed (its library loads): without one CUDA cannot run on any build."""
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+_preloaded = False
+
+
+def _preload_cuda() -> None:
+    """Load NVIDIA's CUDA and cuDNN libraries from their wheels (the ``gpu`` extra), once, quietly.
+
+    onnxruntime-gpu finds them there itself only through this call (1.21+); it prints a line for each
+    library it cannot find, which is what a machine without the extra has, and is not an error yet.
+    """
+    global _preloaded
+    if _preloaded:
+        return
+    _preloaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            preload(directory="")
+        except Exception as e:  # a broken install shows when the provider is asked for
+            log.debug("onnxruntime.preload_dlls: %s", e)
+
+
+def _providers(device: Device) -> tuple[list[str], str | None]:
+    """The providers to ask for, and why CUDA is not among them (None when it is, or was not wanted)."""
     available = ort.get_available_providers()
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise ModelError(
-                "--device cuda: this onnxruntime build has no CUDA provider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto":
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
-    raise ModelError(f"unknown device {device!r}; use one of {DEVICES}")
+        return ["CPUExecutionProvider"], None
+    if device not in ("cuda", "auto"):
+        raise ModelError(f"unknown device {device!r}; use one of {DEVICES}")
+    if "CUDAExecutionProvider" not in available:
+        why = f"this onnxruntime build has no CUDA provider (available: {', '.join(available)})"
+        if device == "cuda":
+            raise ModelError(f"--device cuda: {why}; install scoreq-live on Linux x86_64 or Windows, "
+                             "where it comes with onnxruntime-gpu")
+        return ["CPUExecutionProvider"], why
+    if not _cuda_driver():
+        why = "no NVIDIA driver on this machine"
+        if device == "cuda":
+            raise ModelError(f"--device cuda: {why}")
+        return ["CPUExecutionProvider"], why
+    _preload_cuda()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -66,16 +110,24 @@ class OnnxModel:
     def __init__(self, spec: ModelSpec, device: Device = "auto", threads: int | None = None) -> None:
         if spec.file is None or not Path(spec.file).is_file():
             raise ModelError(f"model {spec.name!r}: file not found: {spec.file}")
-        providers = _providers(device)
+        providers, self.cpu_reason = _providers(device)
         try:
+            if "CUDAExecutionProvider" in providers:
+                # A CUDA provider that cannot load (libraries missing) falls back to CPU with a screenful of
+                # onnxruntime's log; the reason is said once, below, instead.
+                ort.set_default_logger_severity(4)
             self.session = ort.InferenceSession(
                 str(spec.file), sess_options=session_options(threads), providers=providers
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
             raise ModelError(f"{spec.file} is not a loadable ONNX model: {e}") from e
+        finally:
+            ort.set_default_logger_severity(3)
         self.provider = self.session.get_providers()[0]
-        if device == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise ModelError("--device cuda: the CUDA provider failed to load (see onnxruntime's log)")
+        if "CUDAExecutionProvider" in providers and self.provider != "CUDAExecutionProvider":
+            self.cpu_reason = f"the CUDA provider could not load its CUDA/cuDNN libraries ({GPU_EXTRA} adds them)"
+            if device == "cuda":
+                raise ModelError(f"--device cuda: {self.cpu_reason}")
         self.device: Literal["cpu", "cuda"] = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.spec, self.output_dim = self._check_contract(spec)
         self._binding = self.session.io_binding()
