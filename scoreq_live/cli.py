@@ -109,6 +109,10 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
                         "only streams published to --http / --whip")
     p.add_argument("--fast", action="store_true", help="play files and captures as fast as scoring allows (same "
                                                          "windows and scores)")
+    p.add_argument("--max-latency", type=float, metavar="S",
+                   help="live inputs: a window's score (or its skip) is out within S seconds of its last sample; "
+                        "when scoring cannot keep up, streams are thinned alike, skipped windows say 'overloaded' "
+                        "(default: the hop plus twice the recent model run time; not used with --fast)")
     p.add_argument("--rtp-timeout", type=float, metavar="S",
                    help="an RTP sender, WebRTC publisher or media websocket silent for S seconds has ended "
                         "(default 5)")
@@ -172,7 +176,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
                            max_clients=a.max_clients, history_s=a.history_s)
     return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
-                          jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout,
+                          jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout, max_latency_s=a.max_latency,
                           ingest=IngestOptions(listen=a.whip, ice_hosts=tuple(a.ice_host), stun=tuple(a.stun),
                                                max_sessions=a.max_sessions))
 

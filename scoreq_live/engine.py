@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 OVERLOADED: SkipReason = "overloaded"
 ERROR: SkipReason = "error"
 RECENT_BATCHES = 1024  # run sizes kept for inspection (tests, benchmarks); older ones are only counted
+RUN_EMA_ALPHA = 0.25  # weight of the latest model run in the run time the latency budget follows
 
 
 class BatchScorer(Protocol):
@@ -56,11 +57,13 @@ class EngineConfig:
     # How long the first window of a batch waits for windows of other streams
     # that are due at the same moment (sources are not perfectly in step).
     batch_wait_s: float = 0.01
-    # Windows waiting for the scorer, across streams.  Live inputs that find the
-    # queue full have the window skipped ("overloaded") rather than let latency grow
-    # without bound; file inputs with --fast wait instead.
+    # --fast: windows waiting for the scorer, across streams; a stream whose window finds
+    # the queue full waits for room (every window is scored).
     max_pending: int = 256
     fast: bool = False
+    # Live: the time from a window's last sample to its event (score or skip), in seconds.
+    # None: the stream's hop plus twice the recent model run time (see Engine.latency_budget).
+    max_latency_s: float | None = None
 
 
 class _Stop:
@@ -73,6 +76,15 @@ _Item = tuple[StreamCore, Window] | _Stop
 
 class Engine:
     """Runs sources concurrently and scores their windows in shared batches.
+
+    Live inputs are scored within a latency budget (:attr:`latency_budget`):
+    each stream has at most one window waiting for the scorer, a newer window
+    replaces it (the older one is skipped as ``overloaded`` at once), batches
+    take the streams served least recently first, and a window that could no
+    longer be scored within the budget is skipped.  When the scorer cannot keep
+    up, every stream is thinned alike (scored at a longer effective hop) and
+    latency stays bounded.  With ``fast`` (files played as fast as scoring
+    allows) every window is scored and the inputs wait for the scorer.
 
     ``sources`` are the inputs known at start: single streams (:class:`Source`)
     and inputs that open streams while the monitor runs (:class:`StreamSet`).
@@ -98,7 +110,12 @@ class Engine:
         self._inputs_end = False  # True when some input is not an endpoint: the run ends when those have ended
         self._idle = asyncio.Event()  # set when no task is left
         self.streams_seen = 0  # streams attached since start
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)  # --fast
+        self._slots: dict[StreamCore, Window] = {}  # live: the one window each stream has waiting
+        self._served: dict[StreamCore, int] = {}  # live: the run that last took a window of each stream
+        self._wake = asyncio.Event()  # live: a window is waiting, or the run ends
+        self._closing = False
+        self.run_ema_s: float | None = None  # recent seconds per model run (exponential moving average)
         self._resolved = asyncio.Condition()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._stop = asyncio.Event()
@@ -166,14 +183,26 @@ class Engine:
         finally:
             group.close()
 
+    @property
+    def latency_budget(self) -> float:
+        """Seconds a live window may take from its last sample to its event (score or skip).
+
+        ``max_latency_s`` when set; else the hop plus twice the recent model run
+        time: a window may wait for the run in flight and then take its own.
+        """
+        if self.config.max_latency_s is not None:
+            return self.config.max_latency_s
+        return self.config.stream.hop_s + 2.0 * (self.run_ema_s or 0.0)
+
     async def _submit(self, core: StreamCore, window: Window) -> None:
         if self.config.fast:
             await self._queue.put((core, window))
             return
-        try:
-            self._queue.put_nowait((core, window))
-        except asyncio.QueueFull:
-            core.resolve(window, None, OVERLOADED)
+        waiting = self._slots.get(core)
+        if waiting is not None and not waiting.resolved:
+            core.resolve(waiting, None, OVERLOADED)  # a newer window replaces it: its skip goes out now
+        self._slots[core] = window
+        self._wake.set()
 
     async def _pump(self, source: Source) -> None:
         core = self.cores[source.name]
@@ -216,6 +245,8 @@ class Engine:
                     self._started(source)
                 self.bus.publish(StreamEnded(stream=source.name, ts=self.wall(), reason=end_reason,
                                              t=core.t, windows=core.windows, scored=core.scored))
+            self._slots.pop(core, None)
+            self._served.pop(core, None)
             if self.cores.get(source.name) is core:  # forget it: the outputs keep what they show of it
                 del self.cores[source.name]
                 del self._inputs[source.name]
@@ -248,6 +279,9 @@ class Engine:
         return batch
 
     async def _score_loop(self) -> None:
+        if not self.config.fast:
+            await self._score_live()
+            return
         while True:
             first = await self._queue.get()
             if isinstance(first, _Stop):
@@ -256,6 +290,59 @@ class Engine:
             del first  # hold nothing of a batch while waiting for the next: ended streams are freed now
             async with self._resolved:
                 self._resolved.notify_all()
+
+    async def _score_live(self) -> None:
+        """Live inputs: score the streams' waiting windows, fairly, within the latency budget."""
+        cfg = self.config
+        while True:
+            while not self._slots:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            # Windows of other streams due at the same moment join this run (sources are not in step).
+            deadline = self.clock() + cfg.batch_wait_s
+            while len(self._slots) < cfg.max_batch and not self._closing:
+                left = deadline - self.clock()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                await self._score_batch(batch)
+            del batch  # hold nothing of a batch while waiting for the next: ended streams are freed now
+            async with self._resolved:
+                self._resolved.notify_all()
+
+    def _take(self) -> list[tuple[StreamCore, Window]]:
+        """The next run's windows: streams served least recently first; those past the budget are skipped."""
+        now = self.clock()
+        budget = self.latency_budget
+        run_s = self.run_ema_s or 0.0  # the run this batch will take
+        # A budget shorter than a run (and the batch wait) cannot be kept by any window: then only newer
+        # windows replacing waiting ones thin the streams, and each stream's newest window is scored in turn.
+        keepable = run_s + self.config.batch_wait_s < budget
+        order = sorted(self._slots.items(), key=lambda cw: (self._served.get(cw[0], -1), cw[1].arrival))
+        batch: list[tuple[StreamCore, Window]] = []
+        skipped: list[StreamCore] = []
+        for core, w in order:
+            if w.resolved:  # given up when its stream was stopped
+                del self._slots[core]
+            elif keepable and now - w.arrival + run_s > budget:
+                del self._slots[core]
+                core.resolve(w, None, OVERLOADED)
+                skipped.append(core)
+            elif len(batch) < self.config.max_batch:
+                del self._slots[core]
+                batch.append((core, w))
+                self._served[core] = self.runs
+        for core in skipped:
+            self._publish_drained(core)
+        return batch
 
     async def _score_batch(self, batch: list[tuple[StreamCore, Window]]) -> None:
         audio = [w.audio for _, w in batch]
@@ -271,6 +358,8 @@ class Engine:
         self.batches.append(len(batch))
         self.runs += 1
         self.windows_run += len(batch)
+        ema = self.run_ema_s
+        self.run_ema_s = took if ema is None else ema + RUN_EMA_ALPHA * (took - ema)
         for observe in self.batch_observers:
             observe(len(batch), took)
         touched: dict[str, StreamCore] = {}
@@ -319,6 +408,8 @@ class Engine:
                     await asyncio.gather(*batch, return_exceptions=True)
                     group.difference_update(batch)
             await self._queue.put(_STOP)
+            self._closing = True
+            self._wake.set()
             try:
                 await scorer_task
             finally:

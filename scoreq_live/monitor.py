@@ -128,7 +128,10 @@ class MonitorOptions:
     # was asked for explicitly (a dashboard may still be looking) and no duration was given, else 0.
     linger: float | None = None
     batch_wait_s: float = 0.01
-    max_pending: int = 256
+    max_pending: int = 256  # --fast: windows waiting for the scorer
+    # Live: seconds from a window's last sample to its score or skip; None: the hop plus twice
+    # the recent model run time.  Windows that cannot make it are skipped ("overloaded").
+    max_latency_s: float | None = None
 
     @property
     def publishers(self) -> bool:
@@ -307,7 +310,8 @@ class Monitor:
         engine = self.engine = Engine(
             self.scoring.scorer, self.sources,
             EngineConfig(stream=self.scoring.stream, max_batch=opts.scoring.max_batch,
-                         batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast), bus)
+                         batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast,
+                         max_latency_s=opts.max_latency_s), bus)
         for s in self.sinks:
             s.attach(engine)
         loop = asyncio.get_running_loop()
@@ -356,6 +360,8 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     from scoreq_live.sinks.jsonl import JsonlSink
     from scoreq_live.sinks.webhook import WebhookSink, check_url
 
+    if opts.max_latency_s is not None and not (opts.max_latency_s > 0 and math.isfinite(opts.max_latency_s)):
+        raise ConfigError(f"--max-latency must be a positive number of seconds (got {opts.max_latency_s:g})")
     sources = sources if sources is not None else open_sources(opts)
     rules = parse_alerts(opts.alerts)
     listen = _feed_addresses(opts.feed) if opts.feed is not None else (None, None)

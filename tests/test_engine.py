@@ -173,7 +173,7 @@ async def test_live_overload_skips_windows_instead_of_growing_latency(bundled_nr
     files = sorted(MUSHRA.glob("stim_0[1235]/ref.wav"))  # 2.7-3.6 s each, in real time
     sources = [FileSource(f"s{i}", p) for i, p in enumerate(files)]
     stream = StreamConfig(window_s=1.0, hop_s=0.05, model="distillmos")  # 20 windows/s per stream
-    cfg = EngineConfig(stream=stream, max_batch=4, max_pending=8)
+    cfg = EngineConfig(stream=stream, max_batch=4)
     runs = []
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -183,11 +183,11 @@ async def test_live_overload_skips_windows_instead_of_growing_latency(bundled_nr
     overloaded = [e for e in scores if e.reason == "overloaded"]
     scored = [e for e in scores if e.mos is not None]
     assert overloaded and scored
-    # Bounds in this machine's own model runs, not in seconds: a window waits for the run in flight and
-    # then for the max_pending queued windows, itself included (max_pending / max_batch runs); half as
-    # much again for scheduling.  Scoring all the queued windows instead would take many times longer.
+    # Bounds in this machine's own model runs, not in seconds: a window waits at most a hop for its
+    # stream's next one, or for the run in flight, and then for its own run; half as much again for
+    # scheduling.  Scoring all the windows instead would take many times longer.
     run_s = max(took for _, took in runs) + cfg.batch_wait_s
-    backlog_s = 1.5 * (1 + -(-cfg.max_pending // cfg.max_batch)) * run_s
+    backlog_s = 1.5 * (stream.hop_s + 2 * run_s)
     longest = max(sf.info(p).duration for p in files)
     assert wall < longest + backlog_s, (wall, longest, runs)  # the longest file plus a bounded backlog
     assert max(e.latency_ms for e in scored) / 1000 < backlog_s, runs

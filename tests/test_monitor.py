@@ -32,6 +32,7 @@ MISSING_MODEL = ScoringOptions(model="no-such-model.onnx", device="cpu")
     (MonitorOptions(inputs=[DEMO], scoring=MISSING_MODEL, feed=FeedOptions(ws="127.0.0.1:9000", http=":9000")),
      ConfigError, "both on port 9000"),
     (MonitorOptions(inputs=["no-such-file.wav"], scoring=MISSING_MODEL), ScoreqLiveError, "no such file"),
+    (MonitorOptions(inputs=[DEMO], scoring=MISSING_MODEL, max_latency_s=0.0), ConfigError, "--max-latency"),
     (MonitorOptions(inputs=[DEMO], scoring=MISSING_MODEL), ScoreqLiveError, "unknown model"),
 ])
 def test_what_needs_no_model_is_checked_before_the_model_loads(opts, error, why):
@@ -115,3 +116,13 @@ def test_metrics_leave_prometheus_process_wide_settings_alone():
     other = CollectorRegistry()  # a host program's own metrics keep their _created series
     Counter("host_requests", "requests", registry=other).inc()
     assert b"host_requests_created" in generate_latest(other)
+
+
+def test_the_command_line_sets_the_latency_budget():
+    from scoreq_live.cli import build_parser, monitor_options
+
+    def opts(*argv):
+        return monitor_options(build_parser().parse_args(["monitor", "-i", DEMO, *argv]))
+
+    assert opts().max_latency_s is None  # the default: the hop plus twice the recent model run time
+    assert opts("--max-latency", "1.5").max_latency_s == 1.5

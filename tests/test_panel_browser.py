@@ -41,16 +41,18 @@ def free_port() -> int:
 class Monitor:
     """``python -m scoreq_live`` on the demo recordings, serving the panel on ``http_port``."""
 
-    def __init__(self, http_port: int, ws_port: int, log: Path, inputs: list[str] | None = None) -> None:
+    def __init__(self, http_port: int, ws_port: int, log: Path, inputs: list[str] | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.http_port, self.ws_port, self.log = http_port, ws_port, log
         self.inputs = inputs or [f"clean={EXAMPLES / 'clean.wav'}", f"lyra3={EXAMPLES / 'lyra3.wav'}"]
+        self.extra = extra
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Monitor:
         cmd = [
             sys.executable, "-m", "scoreq_live", *(a for i in self.inputs for a in ("--input", i)),
             "--http", f"127.0.0.1:{self.http_port}", "--ws", f"127.0.0.1:{self.ws_port}",
-            "--token", TOKEN, "--alert", RULE, "--no-tui", "--device", "cpu",
+            "--token", TOKEN, "--alert", RULE, "--no-tui", "--device", "cpu", *self.extra,
         ]
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._out,
@@ -232,5 +234,25 @@ def test_panel_shows_a_call_legs_network_numbers(tmp_path):
             net = card(page, "call-0a0b0c0d").locator(".net")
             expect(net).to_be_visible(timeout=60_000)
             expect(net).to_have_text(re.compile(r"^loss [4-6]\.\d % · jitter \d+ ms · net MOS [1-4]\.\d\d$"))
+    finally:
+        m.stop()
+
+
+def test_panel_shows_streams_thinned_when_scoring_cannot_keep_up(tmp_path):
+    """Windows every 10 ms on two streams: far more than the model can score, so both are thinned alike."""
+    from playwright.sync_api import expect
+
+    require_browser()
+    m = Monitor(free_port(), free_port(), tmp_path / "monitor.log", extra=("--hop", "0.01"))
+    try:
+        m.start()
+        with chromium(viewport={"width": 1280, "height": 760}) as ctx:
+            page = ctx.new_page()
+            page.goto(f"http://127.0.0.1:{m.http_port}/?token={TOKEN}")
+            for name in ("clean", "lyra3"):
+                pill = card(page, name).locator(".state-pill")
+                expect(pill).to_have_text("thinned", timeout=60_000)
+                expect(pill).to_have_attribute("title", re.compile("overloaded"))
+                expect(card(page, name).locator(".now-value")).to_have_text(re.compile(r"^\d\.\d\d$"))  # latest score
     finally:
         m.stop()

@@ -102,3 +102,21 @@ def test_packet_streams_show_loss_and_jitter_and_ended_rows_are_forgotten():
     assert list(state.rows) == ["legA-0badcafe", "legA-feedf00d", "legA-00000001"]  # ended 29 s ago: kept
     state.update(StreamStarted(stream="legA-00000002", ts=59.0, source="rtp", model="distillmos", mode="nr"))
     assert "legA-0badcafe" not in state.rows
+
+
+def test_a_stream_thinned_by_an_overloaded_scorer_says_so_and_keeps_its_latest_score():
+    state = PanelState()
+    state.update(StreamStarted(stream="leg", ts=100.0, source="rtp", model="distillmos", mode="nr"))
+    for k in range(6):  # every other window skipped: the scorer is behind
+        thinned = k % 2 == 1
+        state.update(ScoreEvent(stream="leg", ts=100.0 + k, window=k, t_start=k, t_end=k + 4,
+                                mos=None if thinned else 3.8, smoothed=3.7, speech=0.9, level_dbfs=-20.0,
+                                model="distillmos", reason="overloaded" if thinned else None))
+
+    def line(now):
+        console = Console(record=True, width=80)
+        console.print(render(state, 80, now=now))
+        return next(ln for ln in console.export_text().splitlines() if ln.startswith("leg"))
+
+    assert "thinned" in line(106.0) and "3.80" in line(106.0) and "–" not in line(106.0)
+    assert "thinned" not in line(120.0) and "live" in line(120.0)  # caught up: no skips for a while

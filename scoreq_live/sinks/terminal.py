@@ -8,6 +8,7 @@ it into a rich table, so the panel can be rendered to text in tests with
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from scoreq_live.sinks.base import Sink
 
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY_S = 60.0
+THINNED_S = 5.0  # a stream shows as thinned this long after its last window skipped as overloaded
 
 
 @dataclass
@@ -54,6 +56,7 @@ class StreamRow:
     ended_ts: float | None = None  # wall time it ended, for forgetting it later
     loss_pct: float | None = None  # packet streams: the last window's loss and jitter
     jitter_ms: float | None = None
+    thinned_ts: float | None = None  # wall time of the latest window skipped because scoring was behind
     history: deque[tuple[float, float | None]] = field(default_factory=deque)  # (t_end, value or None)
 
 
@@ -95,9 +98,12 @@ class PanelState:
             self._forget(ev.ts)
         elif isinstance(ev, ScoreEvent):
             r.mode, r.model = ev.mode, ev.model
-            r.value = ev.value
+            if ev.reason == "overloaded":
+                r.thinned_ts = ev.ts  # thinned, not quiet: the latest score still stands
+            else:
+                r.value, r.reason = ev.value, ev.reason
             r.smoothed = ev.smoothed
-            r.speech, r.level_dbfs, r.reason, r.t = ev.speech, ev.level_dbfs, ev.reason, ev.t_end
+            r.speech, r.level_dbfs, r.t = ev.speech, ev.level_dbfs, ev.t_end
             if ev.net is not None:
                 r.loss_pct, r.jitter_ms = ev.net.loss_pct, ev.net.jitter_ms
             r.history.append((ev.t_end, ev.value))
@@ -165,8 +171,15 @@ def _fmt(v: float | None, mode: Mode) -> str:
     return f"{v:.2f}" if mode == "nr" else f"{v:.3f}"
 
 
-def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Table:
-    """The table of streams; ``bands`` colours the scores (default: the mode's, as ``--bands`` gives them)."""
+def render(state: PanelState, width: int = 80, bands: Bands | None = None, now: float | None = None) -> Table:
+    """The table of streams; ``bands`` colours the scores (default: the mode's, as ``--bands`` gives them).
+
+    ``now`` (Unix time; default: the clock) says which streams are being thinned (scored at a longer
+    hop because scoring cannot keep up): those with a window skipped as overloaded in the last
+    :data:`THINNED_S` seconds.
+    """
+    if now is None:
+        now = time.time()
     table = Table(expand=False, pad_edge=False, box=None, header_style="bold")
     # Packet streams: loss and jitter take the model's column (one model for all streams; the title names it),
     # and the stream column widens for NAME-<ssrc>.
@@ -191,8 +204,10 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Ta
             vals = [v for _, v in r.history if v is not None]
             lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         spark = sparkline(r.history, lo, hi, spark_w)
-        now = Text(_fmt(r.value, r.mode), style=_band_style(rb, r.value))
-        if r.state == "live" and r.value is None and r.reason:
+        score = Text(_fmt(r.value, r.mode), style=_band_style(rb, r.value))
+        if r.state == "live" and r.thinned_ts is not None and now - r.thinned_ts <= THINNED_S:
+            state_txt = Text("thinned", style="yellow")  # scored, but not every window: scoring is behind
+        elif r.state == "live" and r.value is None and r.reason:
             # Say why there is no score now: a quiet call leg is not a bad one.
             state_txt = Text(r.reason.replace("_", " "), style="yellow")
         else:
@@ -201,7 +216,7 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None) -> Ta
         if net:
             last = "" if r.loss_pct is None or r.jitter_ms is None else f"{r.loss_pct:4.1f}% {r.jitter_ms:4.0f}ms"
         table.add_row(
-            r.name, now,
+            r.name, score,
             Text(_fmt(r.smoothed, r.mode), style=_band_style(rb, r.smoothed) + " bold"),
             Text(spark, style=_band_style(rb, r.smoothed)),
             f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB", state_txt, last,

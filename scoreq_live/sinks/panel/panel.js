@@ -31,6 +31,7 @@
   const ALERT_LOG_MAX = 100;
   const ALERT_SPANS_MAX = 50;         // alert intervals kept per stream for the chart
   const STALE_AFTER_S = 5;            // a live stream silent this long (and > 3 hops) is marked stale
+  const THINNED_S = 5;                // a stream with a window skipped as overloaded this recently is "thinned"
   const COMPACT_FROM = 8;             // more streams than this: compact cards
 
   // Used when hello says nothing. Distances have no universal scale: without
@@ -188,6 +189,8 @@
       net: null, // packet streams: the latest window's loss, jitter, E-model
       t: null,              // stream time of the latest window
       lastSeen: 0,          // performance.now() of the latest event, for "stale"
+      thinnedAt: 0,         // performance.now() of the latest window skipped as overloaded, for "thinned"
+      skipT: NaN,           // stream time of that window: thinning is not a gap in the chart
       endedAt: null,        // performance.now() when it ended, for forgetting it
       ring: new Ring(ringCapacity()),
       alertSpans: [],       // {key, from, to|null} in stream time, for the chart
@@ -272,8 +275,23 @@
     const t = num(ev.t_end) ?? 0;
     const ring = s.ring;
     const lastT = ring.lastT;
-    if (t < lastT - state.hopS) ring.clear(); // stream time went back: a new run of the stream
-    else if (t - lastT > 2.5 * state.hopS) ring.push(lastT + state.hopS, NaN, NaN, NaN); // lost windows: a gap
+    if (t < lastT - state.hopS) {
+      ring.clear(); // stream time went back: a new run of the stream
+      s.skipT = NaN;
+    } else if (t - Math.max(lastT, s.skipT || -Infinity) > 2.5 * state.hopS) {
+      ring.push(lastT + state.hopS, NaN, NaN, NaN); // lost windows: a gap
+    }
+    if (ev.reason === "overloaded") {
+      // The scorer is behind and this stream is thinned (scored at a longer hop): the latest score
+      // still stands and the chart joins the scored windows.
+      if (!state.replaying) s.thinnedAt = performance.now();
+      s.skipT = t;
+      s.latency = num(ev.latency_ms);
+      s.t = t;
+      if (s.state === "starting") s.state = "live";
+      touch(s, false);
+      return;
+    }
     const smoothed = num(ev.smoothed);
     // The smoothed value holds over unscored windows; the chart shows a gap there, like the raw line.
     ring.push(t, value ?? NaN, value == null ? NaN : smoothed ?? NaN, num(ev.speech) ?? NaN);
@@ -296,6 +314,8 @@
       s.ring.clear();
       s.alertSpans = [];
       s.value = s.smoothed = s.reason = s.speech = s.level = s.latency = s.t = s.net = null;
+      s.thinnedAt = 0;
+      s.skipT = NaN;
     }
     s.state = "live";
     s.endedAt = null;
@@ -632,8 +652,11 @@
       const stale = s.state === "live" && s.lastSeen > 0 &&
         now - s.lastSeen > 1000 * Math.max(STALE_AFTER_S, 3 * state.hopS);
       setData(c.el, "state", s.state);
+      const thinned = s.state === "live" && !stale && s.thinnedAt > 0 && now - s.thinnedAt < 1000 * THINNED_S;
       setData(c.el, "stale", stale ? "yes" : "no");
-      setText(c.pill, stale ? "stale" : STATE_LABELS[s.state] || s.state);
+      setData(c.el, "thinned", thinned ? "yes" : "no");
+      setText(c.pill, stale ? "stale" : thinned ? "thinned" : STATE_LABELS[s.state] || s.state);
+      c.pill.title = thinned ? "scoring cannot keep up: some of this stream's windows are skipped (overloaded)" : "";
       const detail = s.state === "error" && s.error ? s.error : [s.source, s.detail].filter(Boolean).join(" · ");
       setText(c.detail, detail);
       c.detail.title = detail;
@@ -947,12 +970,13 @@
     }
   }
 
-  // Once a second: the reconnect countdown and stale streams.
+  // Once a second: the reconnect countdown, stale streams and thinned streams catching up.
   setInterval(() => {
     if (state.conn === "offline") headerDirty = true;
     const now = performance.now();
     for (const s of state.streams.values()) {
-      if (s.state === "live" && s.lastSeen && now - s.lastSeen > 1000 * STALE_AFTER_S) {
+      const thinEnds = s.thinnedAt && now - s.thinnedAt < 1000 * (THINNED_S + 2);
+      if (s.state === "live" && (thinEnds || s.lastSeen && now - s.lastSeen > 1000 * STALE_AFTER_S)) {
         s.dirty = true;
         dirty.add(s);
       }
