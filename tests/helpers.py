@@ -10,6 +10,7 @@ would hide a broken set-up, so there it fails.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,3 +61,17 @@ def joined(paths: Iterable[Path], gap_s: float = 0.3) -> np.ndarray:
     for p in paths:
         parts += [speech_16k(p), gap]
     return np.concatenate(parts)
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 2.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL and reap.  For ``finally`` blocks."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.terminate()
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass

@@ -34,11 +34,12 @@ import ctypes.util
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.helpers import stop_process
 
 __all__ = ["PulseServer", "pulse_available", "pulse_server", "require_pulse"]
 
@@ -208,10 +209,10 @@ class PulseServer:
         Safe to call more than once; bounded to a few seconds.
         """
         for p in self._players:
-            _terminate(p, grace=1.0)
+            stop_process(p, grace=1.0)
         self._players.clear()
         if self._proc is not None:
-            _terminate(self._proc, grace=3.0)
+            stop_process(self._proc, grace=3.0)
             self._proc = None
         if self._saved_environ is not None:
             for k, v in self._saved_environ.items():
@@ -266,20 +267,6 @@ class PulseServer:
             return self.log.read_text(errors="replace")[-n:]
         except (OSError, AttributeError):
             return "(no log)"
-
-
-def _terminate(p: subprocess.Popen, grace: float) -> None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL and reap."""
-    if p.poll() is not None:
-        return
-    try:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=5)
-    except ProcessLookupError:
-        pass
 
 
 def require_pulse() -> None:

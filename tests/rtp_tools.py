@@ -40,6 +40,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+from tests.helpers import stop_process  # re-exported: the RTP tests stop their senders with it
+
 __all__ = [
     "CODECS", "FfmpegCodec", "ImpairmentProxy", "PacketRecord", "RtpFlow", "RtpHeader", "SippCall", "UdpCollector",
     "encode_like_ffmpeg", "encode_packets", "ffmpeg_available", "ffmpeg_rtp", "ffmpeg_sdp", "flood",
@@ -170,20 +172,6 @@ def require_ffmpeg() -> None:
 def require_sipp() -> None:
     """Skip the calling test when sipp cannot replay a pcap here; fail instead on CI."""
     _require(sipp_available())
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 2.0) -> None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL and reap.  For ``finally`` blocks."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.terminate()
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    except ProcessLookupError:
-        pass
 
 
 def free_udp_port() -> int:
