@@ -206,6 +206,7 @@ class Engine:
 
     async def _pump(self, source: Source) -> None:
         core = self.cores[source.name]
+        source.due_in = core.due_in  # the source gathers its blocks until a window is due (Source.held)
         started = False
         end_reason: EndReason = "eof"
         lost = 0.0  # input dropped before the source got it, reported so far

@@ -98,6 +98,10 @@ class StreamCore:
         """Stream time in seconds: samples received / 16 kHz."""
         return self.ring.total / SAMPLE_RATE
 
+    def due_in(self) -> int:
+        """Samples still to arrive before the next window is complete (0 or less: it is due)."""
+        return self.scheduler.next_end - self.ring.total
+
     def feed(self, samples: np.ndarray, now: float) -> list[Window]:
         """Add 16 kHz mono float32 samples; return the windows that now need scoring."""
         x = np.asarray(samples, dtype=np.float32).reshape(-1)

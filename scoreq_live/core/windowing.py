@@ -40,6 +40,11 @@ class WindowScheduler:
     def _start(self, index: int) -> int:
         return index * self.hop
 
+    @property
+    def next_end(self) -> int:
+        """The sample count at which the next window is complete."""
+        return self._start(self._next) + self.window
+
     def due(self, total: int) -> list[WindowSpan]:
         """Windows that became complete now that ``total`` samples have arrived."""
         out = []

@@ -6,7 +6,7 @@ import abc
 import asyncio
 import collections
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import ClassVar
 
 import numpy as np
@@ -16,6 +16,9 @@ from scoreq_live.audio import to_mono_float
 from scoreq_live.core import SAMPLE_RATE
 from scoreq_live.core.events import EndReason, NetQuality
 from scoreq_live.errors import ScoreqLiveError
+
+HOLD_S = 0.5  # most audio gathered between two windows before it is processed (see Source.held)
+DUE_MARGIN = 480  # 30 ms at 16 kHz: the resampler holds back a few ms, so gathered audio goes on this early
 
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 """What a stream name given by a user or a publisher may be (``NAME=`` inputs, WHIP ``?stream=``)."""
@@ -70,6 +73,8 @@ class Source(abc.ABC):
         self.channels = 0
         # Why the stream ended when frames() returns normally: "eof", or for packet streams "inactive"/"bye".
         self.end_reason: EndReason = "eof"
+        # Set by the engine: 16 kHz samples the stream still needs before its next window is due (see held()).
+        self.due_in: Callable[[], int] | None = None
 
     def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
         """What the network did to the audio between two stream times (seconds); None for inputs without one."""
@@ -90,9 +95,39 @@ class Source(abc.ABC):
     def frames(self) -> AsyncIterator[np.ndarray]:
         """Raw frames at ``self.rate``; ends at end of stream, raises :class:`SourceError` on failure."""
 
+    async def held(self, frames: AsyncIterator[np.ndarray]) -> AsyncIterator[np.ndarray]:
+        """``frames`` gathered into one array until the stream's next window is (nearly) due.
+
+        A live input delivers 20 ms blocks; resampling, the speech detector and
+        the window bookkeeping cost about as much per call as per second of
+        audio, so the blocks between two windows are handled in one call (at
+        most :data:`HOLD_S` of them).  The gathered audio goes on just before
+        the window it completes is due (:attr:`due_in`, minus the resampler's
+        delay), so no window waits longer than it would block by block.
+        """
+        due_in = self.due_in
+        if due_in is None:
+            async for f in frames:
+                yield f
+            return
+        held: list[np.ndarray] = []
+        n = 0
+        limit = -1.0  # input samples to gather before the next yield; set once the rate is known
+        async for f in frames:
+            if limit < 0:  # the consumer's need changes only when it gets audio, i.e. after a yield
+                limit = min(self.rate * HOLD_S, (due_in() - DUE_MARGIN) * self.rate / SAMPLE_RATE)
+            held.append(f)
+            n += f.shape[0]
+            if n < limit:
+                continue
+            yield held[0] if len(held) == 1 else np.concatenate(held)
+            held, n, limit = [], 0, -1.0
+        if held:
+            yield held[0] if len(held) == 1 else np.concatenate(held)
+
     async def chunks(self) -> AsyncIterator[np.ndarray]:
         norm: Normaliser | None = None
-        async for frames in self.frames():
+        async for frames in self.held(self.frames()):
             if norm is None:
                 norm = Normaliser(self.rate)
             out = norm.process(frames)

@@ -129,7 +129,7 @@ class RtpSource(PushSource):
     # -- Source -------------------------------------------------------------------------------------
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
-        async for frames in self.frames():  # already 16 kHz mono float32
+        async for frames in self.held(self.frames()):  # already 16 kHz mono float32
             yield frames
 
     def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
