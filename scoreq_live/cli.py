@@ -58,7 +58,8 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime provider; auto uses CUDA when it loads, else CPU (default auto)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for inference (default: all cores)")
-    g.add_argument("--max-batch", type=int, default=16, metavar="N", help="most windows in one model run (default 16)")
+    g.add_argument("--max-batch", type=int, metavar="N", help="most windows in one model run (default: measured at "
+                   "start, the batch size beyond which a window costs no less; at most 16)")
     g.add_argument("--min-speech", type=float, default=0.2, metavar="F",
                    help="speech fraction a window needs to be scored (default 0.2)")
     g.add_argument("--vad", type=int, default=2, choices=(0, 1, 2, 3), help="VAD aggressiveness (default 2)")
@@ -205,8 +206,10 @@ def cmd_monitor(a: argparse.Namespace) -> int:
     model, stream = monitor.scoring.model, monitor.scoring.stream
     if not a.quiet:
         why = f" ({model.cpu_reason})" if model.cpu_reason else ""
+        plan = getattr(monitor.scoring.scorer, "plan", None)
+        batch = f", batch sizes {'/'.join(map(str, plan.sizes))} ({plan.source})" if plan is not None else ""
         console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {stream.mode}, "
-                      f"window {stream.window_s:g}s, hop {stream.hop_s:g}s", highlight=False)
+                      f"window {stream.window_s:g}s, hop {stream.hop_s:g}s{batch}", highlight=False)
     if a.no_tui:
         if not a.quiet:
             monitor.sinks.append(StatusSink())

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH = 16  # the largest batch the start-up measurement tries
+
 Notify = Callable[[str], None]
 """Where the monitor's one-line notices go (listening addresses, a busy default port)."""
 
@@ -62,7 +64,7 @@ class ScoringOptions:
     hop_s: float | None = None  # None: the model's hop, at most the window
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
-    max_batch: int = 16
+    max_batch: int | None = None  # most windows in one model run; None: measured at start (scoring/batching.py)
     min_speech: float = 0.2
     vad: int = 2
     smoothing: Literal["ema", "median"] = "ema"
@@ -164,6 +166,7 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> Loade
     ``progress``: called with (bytes done, total) while a published model is downloaded on first use.
     """
     # Imported here so that 'scoreq-live devices' does not pay for onnxruntime and the reference machinery.
+    from scoreq_live.scoring.batching import plan_for
     from scoreq_live.scoring.catalogue import resolve_model
     from scoreq_live.scoring.references import build_reference, combine
     from scoreq_live.scoring.session import OnnxModel
@@ -211,7 +214,11 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> Loade
             except ScoreqLiveError as e:
                 raise ConfigError(f"cannot build the reference: {e}") from e
         reference = combine(parts, spec.name)
-    return LoadedScorer(Scorer(model, reference, opts.max_batch), config, model)
+    # Batch sizes measured on this machine (or --max-batch), every shape warmed before the first live window.
+    plan = plan_for(model, spec.padded_length(round(config.window_s * spec.sample_rate)),
+                    opts.max_batch or MAX_BATCH, given=opts.max_batch)
+    log.info("%s", plan.describe())
+    return LoadedScorer(Scorer(model, reference, plan=plan), config, model)
 
 
 def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredReference]]:
@@ -309,7 +316,7 @@ class Monitor:
         sink_tasks = [asyncio.create_task(s.run(bus.subscribe(name=type(s).__name__))) for s in self.sinks]
         engine = self.engine = Engine(
             self.scoring.scorer, self.sources,
-            EngineConfig(stream=self.scoring.stream, max_batch=opts.scoring.max_batch,
+            EngineConfig(stream=self.scoring.stream, max_batch=self.scoring.scorer.max_batch,
                          batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast,
                          max_latency_s=opts.max_latency_s), bus)
         for s in self.sinks:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from scoreq_live.scoring.batching import BatchPlan
 from scoreq_live.scoring.spec import Mode, ModelSpec
 
 
@@ -43,26 +44,31 @@ def pad_window(window: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return out
 
 
-def batches(windows: Sequence[np.ndarray], spec: ModelSpec, max_batch: int
+def batches(windows: Sequence[np.ndarray], spec: ModelSpec, plan: BatchPlan | int
             ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Group windows by padded length and split into runs of at most ``max_batch``.
+    """Group windows by padded length and split each group into runs of the plan's sizes.
 
     Yields ``(indices, batch)``; windows of one length share a run because
-    padding them to a common length would change their scores.
+    padding them to a common length would change their scores.  An ``int``
+    plan allows every power of two up to it.
     """
+    if isinstance(plan, int):
+        plan = BatchPlan.up_to(plan)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, w in enumerate(windows):
         groups[spec.padded_length(w.size)].append(i)
     for idx in groups.values():
-        for k in range(0, len(idx), max_batch):
-            part = idx[k:k + max_batch]
+        k = 0
+        for size in plan.split(len(idx)):
+            part = idx[k:k + size]
+            k += size
             yield part, np.stack([pad_window(windows[i], spec) for i in part])
 
 
-def run_windows(model: Model, windows: Sequence[np.ndarray], max_batch: int = 16) -> np.ndarray:
+def run_windows(model: Model, windows: Sequence[np.ndarray], plan: BatchPlan | int = 16) -> np.ndarray:
     """Raw model outputs ``[N, D]`` for windows of any lengths, in input order."""
     out: np.ndarray | None = None
-    for idx, batch in batches(windows, model.spec, max_batch):
+    for idx, batch in batches(windows, model.spec, plan):
         y = model.run(batch)
         if out is None:
             out = np.empty((len(windows), y.shape[1]), dtype=np.float32)
@@ -97,7 +103,8 @@ class Reference:
 class Scorer:
     """MOS (mode ``nr``) or distance to a reference (mode ``ref``) for each window."""
 
-    def __init__(self, model: Model, reference: Reference | None = None, max_batch: int = 16) -> None:
+    def __init__(self, model: Model, reference: Reference | None = None, max_batch: int = 16,
+                 plan: BatchPlan | None = None) -> None:
         self.model = model
         self.spec = model.spec
         if self.spec.kind == "embedding" and reference is None:
@@ -109,7 +116,13 @@ class Scorer:
                 f"reference was embedded with {reference.model!r}, not {self.spec.name!r}"
             )
         self.reference = reference
-        self.max_batch = max(1, max_batch)
+        # The run sizes (see scoring/batching.py): measured at start by the monitor, else powers of two.
+        self.plan = plan or BatchPlan.up_to(max_batch)
+
+    @property
+    def max_batch(self) -> int:
+        """The most windows in one model run."""
+        return self.plan.cap
 
     @property
     def mode(self) -> Mode:
@@ -120,7 +133,7 @@ class Scorer:
         return self.spec.name
 
     def embed(self, windows: Sequence[np.ndarray]) -> np.ndarray:
-        return run_windows(self.model, windows, self.max_batch)
+        return run_windows(self.model, windows, self.plan)
 
     def score(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         """One score per window: MOS, or distance to the reference."""

@@ -111,6 +111,7 @@ class OnnxModel:
         if spec.file is None or not Path(spec.file).is_file():
             raise ModelError(f"model {spec.name!r}: file not found: {spec.file}")
         providers, self.cpu_reason = _providers(device)
+        self.threads = threads
         try:
             if "CUDAExecutionProvider" in providers:
                 # A CUDA provider that cannot load (libraries missing) falls back to CPU with a screenful of
