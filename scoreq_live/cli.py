@@ -23,7 +23,7 @@ from scoreq_live.errors import ScoreqLiveError
 if TYPE_CHECKING:
     from scoreq_live.monitor import MonitorOptions, ScoringOptions
 
-COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference")
+COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench")
 
 def examples_dir() -> Path:
     """Where the example recordings are: installed as package data from the top-level examples/."""
@@ -125,6 +125,23 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
     _scoring_args(p)
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bench")
+    g.add_argument("--rounds", type=int, default=5, metavar="N", help="interleaved rounds (default 5)")
+    g.add_argument("--windows", type=int, default=16, metavar="N", help="windows per round (default 16)")
+    g.add_argument("--streams", type=int, default=4, metavar="N", help="streams in the engine runs (default 4)")
+    g.add_argument("--host-streams", type=int, default=200, metavar="N",
+                   help="streams in the host-side run (default 200)")
+    g.add_argument("--capacity-s", type=float, default=12.0, metavar="S",
+                   help="seconds scored per live capacity trial, after the first window (default 12)")
+    g.add_argument("--soak-s", type=float, default=3600.0, metavar="S",
+                   help="simulated seconds of the memory soak (default 3600)")
+    g.add_argument("--soak-streams", type=int, default=50, metavar="N", help="streams in the soak (default 50)")
+    g.add_argument("--quick", action="store_true", help="a short run: 2 rounds, smaller host run, 60 s soak")
+    g.add_argument("--json", metavar="PATH|-", help="write the report as JSON")
+    _scoring_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scoreq-live", description="Realtime speech-quality monitor.")
     p.add_argument("--version", action="version", version=f"scoreq-live {__version__}")
@@ -143,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     _scoring_args(s)
     sub.add_parser("devices", help="list sound input devices")
+    _bench_args(sub.add_parser("bench", help="measure what this machine scores: model alone, naive loop, engine, "
+                                             "host side, live capacity, memory (to size a deployment)"))
     mo = sub.add_parser("models", help="known models")
     mo_sub = mo.add_subparsers(dest="models_command")
     from scoreq_live.cli_models import add_models_commands, add_reference_parser
@@ -304,6 +323,29 @@ def cmd_devices(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from scoreq_live.bench import BenchOptions, bench, render, write_json
+    from scoreq_live.monitor import load_scorer
+
+    opts = BenchOptions(rounds=a.rounds, windows=a.windows, streams=a.streams, host_streams=a.host_streams,
+                        capacity_s=a.capacity_s, soak_s=a.soak_s, soak_streams=a.soak_streams)
+    if a.quick:
+        opts = BenchOptions(rounds=2, windows=min(a.windows, 8), streams=a.streams, host_streams=50, host_s=10.0,
+                            capacity_s=min(a.capacity_s, 6.0), capacity_trials=2, soak_streams=a.soak_streams,
+                            soak_s=min(a.soak_s, 60.0), memory_streams=100)
+    if min(opts.rounds, opts.windows, opts.streams, opts.host_streams, opts.soak_streams) < 1 or opts.soak_s <= 0:
+        return _err("bench: rounds, windows and stream counts must be at least 1, --soak-s positive")
+    try:
+        scoring = load_scorer(scoring_options(a))
+        report = bench(scoring, opts, say=lambda m: print(m, file=sys.stderr, flush=True))
+    except ScoreqLiveError as e:
+        return _err(str(e))
+    print(render(report))
+    if a.json:
+        write_json(report, a.json)
+    return 0
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     from scoreq_live.cli_models import cmd_models as run
 
@@ -330,4 +372,5 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "models" and a.models_command is None:
         a.models_command = "list"
     return {"monitor": cmd_monitor, "demo": cmd_demo, "score": cmd_score,
-            "devices": cmd_devices, "models": cmd_models, "reference": cmd_reference}[a.command](a)
+            "devices": cmd_devices, "models": cmd_models, "reference": cmd_reference, "bench": cmd_bench,
+            }[a.command](a)

@@ -1,0 +1,493 @@
+"""``scoreq-live bench``: how many streams this machine scores, measured against baselines in the same run.
+
+Five measurements of one model on one device:
+
+- **bare**: the model alone, ``session.run`` on ready windows in the monitor's batch sizes;
+- **naive**: what a script does (a session with default options, one run per window per stream);
+- **engine**: the whole monitor (``--fast``, N streams of real speech through sources, resampling, the
+  speech gate, windows, batching, events);
+- **host**: the monitor with a scorer that returns at once, i.e. everything but the model, as streams per
+  CPU core at the hop;
+- **capacity**: live streams (real-time paced, start times spread over a hop) sustained with the 99th
+  percentile latency within the budget and at most 1 % of windows thinned.
+
+bare, naive and engine run interleaved (bare naive engine, bare naive engine, ...) and ratios are taken
+round by round, so a change in machine load hits each side of a ratio alike; medians and the spread are
+reported.  Then memory per stream and a simulated soak (host side, ``--soak-s`` seconds of 50 streams,
+resident memory sampled throughout) check for growth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soxr
+
+from scoreq_live.audio import load_audio
+from scoreq_live.bus import EventBus
+from scoreq_live.core import SAMPLE_RATE
+from scoreq_live.core.events import ScoreEvent
+from scoreq_live.core.stream import StreamConfig
+from scoreq_live.engine import Engine, EngineConfig
+from scoreq_live.sources.base import Source
+
+LIVE_RATE = 48_000  # bench streams arrive at 48 kHz (WebRTC, sound devices), so the host side resamples
+BLOCK_S = 0.02  # and in 20 ms blocks, as RTP and WebRTC deliver them
+
+GOALS = {
+    "engine_vs_bare": ("engine throughput / bare session.run", ">=", 0.9),
+    "capacity_vs_naive": ("live capacity / naive loop", ">=", 2.0),
+    "host_streams_per_core": ("host side, streams per core", ">=", 2000.0),
+    "mb_per_stream": ("memory per stream, MB", "<=", 1.0),
+    "soak_rss_growth": ("resident memory growth over the soak", "<=", 0.05),
+}
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ClipSource(Source):
+    """Real speech from memory, looped to ``duration_s``, in 20 ms blocks at 48 kHz.
+
+    Live: each block is released when the wall clock reaches it (after ``delay_s``); ``fast``: at once.
+    """
+
+    kind = "bench"
+
+    def __init__(self, name: str, clip48: np.ndarray, duration_s: float, fast: bool, delay_s: float = 0.0,
+                 offset: int = 0) -> None:
+        super().__init__(name, "bench speech")
+        self.clip = clip48
+        self.duration_s = duration_s
+        self.fast = fast
+        self.delay_s = delay_s
+        self.offset = offset % clip48.size
+        self.rate = LIVE_RATE
+        self.channels = 1
+
+    async def frames(self) -> AsyncIterator[np.ndarray]:
+        block = int(LIVE_RATE * BLOCK_S)
+        total = int(self.duration_s * LIVE_RATE) // block * block
+        clip, size = self.clip, self.clip.size  # shared by every stream: a copy each would be the memory measured
+        loop = asyncio.get_running_loop()
+        if self.delay_s > 0 and not self.fast:
+            await asyncio.sleep(self.delay_s)
+        t0 = loop.time()
+        pos = self.offset
+        for sent in range(0, total, block):
+            if self.fast:
+                if sent % (block * 50) == 0:
+                    await asyncio.sleep(0)
+            else:
+                delay = t0 + (sent + block) / LIVE_RATE - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            end = pos + block
+            yield clip[pos:end] if end <= size else np.concatenate((clip[pos:], clip[:end - size]))
+            pos = end % size
+
+
+class NullScorer:
+    """A scorer that returns at once: the engine measured without the model."""
+
+    def score(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        return np.full(len(windows), 3.0)
+
+
+@dataclass
+class EngineRun:
+    wall_s: float
+    cpu_s: float
+    windows_run: int
+    scored: int
+    overloaded: int
+    latencies_ms: list[float]
+    peak_rss_mb: float
+    budget_s: float
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)  # (fraction done, MB)
+
+    @property
+    def p99_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 99)) if self.latencies_ms else 0.0
+
+
+async def run_engine(scorer: Any, sources: Sequence[Source], stream: StreamConfig, max_batch: int, fast: bool,
+                     sample_every_s: float = 0.25, progress: Callable[[], float] | None = None) -> EngineRun:
+    """Run sources through the engine; count what it did and sample resident memory while it runs."""
+    bus = EventBus()
+    sub = bus.subscribe(maxsize=1_000_000, name="bench")
+    engine = Engine(scorer, sources, EngineConfig(stream=stream, max_batch=max_batch, fast=fast), bus)
+    latencies: list[float] = []
+    counts = {"scored": 0, "overloaded": 0}
+    samples: list[tuple[float, float]] = []
+    peak = rss_mb()
+
+    async def read() -> None:
+        async for ev in sub:
+            if isinstance(ev, ScoreEvent):
+                if ev.value is not None:
+                    counts["scored"] += 1
+                    latencies.append(ev.latency_ms)
+                elif ev.reason == "overloaded":
+                    counts["overloaded"] += 1
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            await asyncio.sleep(sample_every_s)
+            now = rss_mb()
+            peak = max(peak, now)
+            samples.append((progress() if progress else 0.0, now))
+
+    reader = asyncio.create_task(read())
+    sampler = asyncio.create_task(sample())
+    c0, t0 = time.process_time(), time.perf_counter()
+    await engine.run()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    sampler.cancel()
+    await reader
+    return EngineRun(wall, cpu, engine.windows_run, counts["scored"], counts["overloaded"], latencies,
+                     max(peak, rss_mb()), engine.latency_budget, samples)
+
+
+def speech_clip() -> np.ndarray:
+    """The bundled clean speech recording at 48 kHz (the host side resamples it, as for a live input)."""
+    from scoreq_live.cli import examples_dir
+
+    x16 = load_audio(examples_dir() / "clean.wav")
+    return soxr.resample(x16, SAMPLE_RATE, LIVE_RATE).astype(np.float32)
+
+
+def windows_of(clip48: np.ndarray, window_s: float, hop_s: float, n: int) -> list[np.ndarray]:
+    x = soxr.resample(clip48, LIVE_RATE, SAMPLE_RATE).astype(np.float32)
+    length, hop = int(round(window_s * SAMPLE_RATE)), int(round(hop_s * SAMPLE_RATE))
+    reps = int(np.ceil((length + hop * n) / x.size)) + 1
+    x = np.tile(x, reps)
+    return [x[i * hop:i * hop + length].copy() for i in range(n)]
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@dataclass
+class BenchOptions:
+    rounds: int = 5
+    windows: int = 16  # per round, for bare / naive / engine
+    streams: int = 4  # engine --fast streams
+    host_streams: int = 200
+    host_s: float = 20.0
+    capacity_s: float = 12.0  # seconds of scoring per capacity trial, after the first window fills
+    capacity_trials: int = 4
+    soak_streams: int = 50
+    soak_s: float = 3600.0
+    memory_streams: int = 200
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def bench(scoring: Any, opts: BenchOptions, say: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Run every measurement for a loaded scorer (:class:`~scoreq_live.monitor.LoadedScorer`); the report."""
+    import onnxruntime as ort
+
+    from scoreq_live.scoring.session import session_options
+
+    model, scorer, stream = scoring.model, scoring.scorer, scoring.stream
+    spec = model.spec
+    plan = scorer.plan
+    clip = speech_clip()
+    hop = stream.hop_s
+    windows = windows_of(clip, stream.window_s, hop, opts.windows)
+    padded = [np.stack([w]) for w in windows]
+    name = spec.input_name
+    providers = [model.provider] if model.provider == "CPUExecutionProvider" else [model.provider,
+                                                                                  "CPUExecutionProvider"]
+    bare_session = ort.InferenceSession(str(spec.file), session_options(model.threads), providers=providers)
+    naive_session = ort.InferenceSession(str(spec.file), providers=providers)  # a script's default options
+    batch = np.concatenate(padded)
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        k = 0
+        for size in plan.split(len(windows)):
+            bare_session.run(None, {name: batch[k:k + size]})
+            k += size
+        return len(windows) / (time.perf_counter() - t0)
+
+    naive_out: list[float] = []
+
+    def naive() -> float:
+        naive_out.clear()
+        t0 = time.perf_counter()
+        for x in padded:
+            naive_out.append(float(np.ravel(naive_session.run(None, {name: x})[0])[0]))
+        return len(windows) / (time.perf_counter() - t0)
+
+    per_stream = max(1, opts.windows // opts.streams)
+    engine_s = stream.window_s + (per_stream - 1) * hop + 0.01
+
+    def engine() -> float:
+        sources = [ClipSource(f"s{i}", clip, engine_s, fast=True, offset=i * 7919 * 48) for i in range(opts.streams)]
+        r = asyncio.run(run_engine(scorer, sources, stream, scorer.max_batch, fast=True))
+        return r.windows_run / r.wall_s
+
+    for f in (bare, naive, engine):  # warm: first runs of each session and the engine's imports
+        f()
+    rows: dict[str, list[float]] = {"bare": [], "naive": [], "engine": []}
+    say(f"bench: {opts.rounds} interleaved rounds of {len(windows)} windows (bare, naive, engine x{opts.streams})")
+    for r in range(opts.rounds):
+        for key, f in (("bare", bare), ("naive", naive), ("engine", engine)):
+            rows[key].append(f())
+        say(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()) + " windows/s")
+    engine_vs_bare = [e / b for e, b in zip(rows["engine"], rows["bare"])]
+    naive_vs_bare = [n / b for n, b in zip(rows["naive"], rows["bare"])]
+
+    # Equal accuracy: the monitor's scores of these windows against the naive loop's.
+    ours = scorer.embed(windows)[:, 0]
+    accuracy = float(np.max(np.abs(ours - np.array(naive_out)))) if spec.kind == "mos" else None
+
+    say(f"host side: {opts.host_streams} streams x {opts.host_s:g}s of 48 kHz speech, no model")
+    host_sources = [ClipSource(f"h{i}", clip, opts.host_s, fast=True, offset=i * 4801)
+                    for i in range(opts.host_streams)]
+    host = asyncio.run(run_engine(NullScorer(), host_sources, stream, scorer.max_batch, fast=True))
+    host_per_core = opts.host_streams * opts.host_s / host.cpu_s
+
+    say(f"memory: {opts.memory_streams} live streams at once, no model (Python allocations traced)")
+    memory = measure_memory(stream, clip, opts.memory_streams, scorer.max_batch)
+
+    naive_wps = statistics.median(rows["naive"])
+    naive_capacity = naive_wps * hop
+    engine_wps = statistics.median(rows["engine"])
+    say(f"capacity: live streams at a {hop:g}s hop, p99 latency within the budget, at most 1 % thinned")
+    trials = capacity_trials(scorer, stream, clip, engine_wps, opts, say)
+    sustained = [t["streams"] for t in trials if t["ok"]]
+    capacity = max(sustained) if sustained else 0
+
+    say(f"soak: {opts.soak_streams} streams x {opts.soak_s:g}s simulated (host side), resident memory sampled")
+    soak = run_soak(stream, clip, opts)
+
+    report: dict[str, Any] = {
+        "model": spec.name, "device": model.device, "provider": model.provider, "cores": os.cpu_count(),
+        "machine": platform.machine(), "onnxruntime": ort.__version__, "window_s": stream.window_s,
+        "hop_s": hop, "batch_sizes": list(plan.sizes), "batch_ms_per_window": plan.cost_ms,
+        "windows_per_s": {k: spread(v) for k, v in rows.items()},
+        "rounds": rows,
+        "engine_vs_bare": spread(engine_vs_bare),
+        "naive_vs_bare": spread(naive_vs_bare),
+        "max_score_difference_vs_naive": accuracy,
+        "host": {"streams": opts.host_streams, "seconds": opts.host_s, "cpu_s": host.cpu_s,
+                 "streams_per_core": host_per_core},
+        "memory": memory,
+        "naive_capacity_streams": naive_capacity,
+        "capacity_streams": capacity,
+        "capacity_trials": trials,
+        "capacity_vs_naive": capacity / naive_capacity if naive_capacity > 0 else None,
+        "soak": soak,
+    }
+    report["goals"] = check_goals(report)
+    return report
+
+
+def measure_memory(stream: StreamConfig, clip: np.ndarray, n: int, max_batch: int) -> dict[str, Any]:
+    """Memory of ``n`` live streams (real-time paced, no model): traced Python/numpy allocations and RSS.
+
+    Sampled while every stream is past its first window, so a stream's ring buffer, speech detector,
+    resampler, gathered input and waiting window are all counted.
+    """
+    import tracemalloc
+
+    duration = stream.window_s + 3 * stream.hop_s
+    sources = [ClipSource(f"m{i}", clip, duration, fast=False, delay_s=stream.hop_s * i / n, offset=i * 4801)
+               for i in range(n)]
+    tracemalloc.start()
+    try:
+        base, base_rss = tracemalloc.get_traced_memory()[0], rss_mb()
+        traced: list[float] = []
+        rss: list[float] = []
+
+        async def go() -> None:
+            async def sample() -> None:
+                t0 = time.perf_counter()
+                while True:
+                    await asyncio.sleep(0.1)
+                    if time.perf_counter() - t0 > stream.window_s + stream.hop_s * 1.5:
+                        traced.append(tracemalloc.get_traced_memory()[0] - base)
+                        rss.append(rss_mb() - base_rss)
+
+            sampler = asyncio.create_task(sample())
+            await run_engine(NullScorer(), sources, stream, max_batch, fast=False, sample_every_s=1.0)
+            sampler.cancel()
+
+        asyncio.run(go())
+    finally:
+        tracemalloc.stop()
+    traced_mb = max(traced, default=0.0) / 2**20
+    return {"streams": n, "mb_per_stream": traced_mb / n, "traced_mb": traced_mb,
+            "rss_mb_per_stream": max(rss, default=0.0) / n}
+
+
+def capacity_trials(scorer: Any, stream: StreamConfig, clip: np.ndarray, engine_wps: float, opts: BenchOptions,
+                    say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Live runs at rising or falling stream counts, starting from the measured engine throughput."""
+    hop = stream.hop_s
+    n = max(1, int(engine_wps * hop * 0.9))
+    step = max(1, n // 8)
+    trials: list[dict[str, Any]] = []
+    tried: dict[int, bool] = {}
+    duration = stream.window_s + opts.capacity_s
+    for _ in range(opts.capacity_trials):
+        if n in tried or n < 1:
+            break
+        sources = [ClipSource(f"c{i}", clip, duration, fast=False, delay_s=hop * i / n, offset=i * 9601)
+                   for i in range(n)]
+        r = asyncio.run(run_engine(scorer, sources, stream, scorer.max_batch, fast=False))
+        # Sustained: the 99th percentile within the budget and at most 1 % of windows thinned (a window thinned
+        # now and then is the budget doing its job on a noisy machine; more means the scorer is behind).
+        ok = r.scored > 0 and r.overloaded <= 0.01 * (r.scored + r.overloaded) and r.p99_ms <= r.budget_s * 1000
+        tried[n] = ok
+        trials.append({"streams": n, "ok": ok, "scored": r.scored, "overloaded": r.overloaded,
+                       "p50_ms": float(np.percentile(r.latencies_ms, 50)) if r.latencies_ms else None,
+                       "p99_ms": r.p99_ms, "budget_ms": r.budget_s * 1000})
+        say(f"  {n} streams: {'sustained' if ok else 'not sustained'} (p99 {r.p99_ms:.0f} ms, budget "
+            f"{r.budget_s * 1000:.0f} ms, {r.overloaded} thinned of {r.scored + r.overloaded})")
+        if ok:
+            if (n + step) in tried:
+                break
+            n += step
+        else:
+            if any(ok_n for m, ok_n in tried.items() if m < n) or n == 1:
+                break
+            n = max(1, min(n - 1, int(n * 0.85)))
+    return trials
+
+
+def run_soak(stream: StreamConfig, clip: np.ndarray, opts: BenchOptions) -> dict[str, Any]:
+    """Host side over ``soak_s`` seconds of ``soak_streams`` streams, as fast as it goes; memory sampled."""
+    sources = [ClipSource(f"k{i}", clip, opts.soak_s, fast=True, offset=i * 4801) for i in range(opts.soak_streams)]
+    total = opts.soak_s
+    state: dict[str, Any] = {}
+
+    def done() -> float:
+        eng = state.get("engine")
+        if eng is None or not eng.cores:
+            return 1.0 if eng is not None else 0.0
+        return min(c.t for c in eng.cores.values()) / total
+
+    async def go() -> EngineRun:
+        bus = EventBus()
+        sub = bus.subscribe(maxsize=1024, name="soak")  # bounded: the soak must not measure its own backlog
+        engine = Engine(NullScorer(), sources, EngineConfig(stream=stream, max_batch=64, fast=True), bus)
+        state["engine"] = engine
+        samples: list[tuple[float, float]] = []
+
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                samples.append((done(), rss_mb()))
+
+        async def drain() -> None:
+            async for _ in sub:
+                pass
+
+        task, reader = asyncio.create_task(sample()), asyncio.create_task(drain())
+        c0, t0 = time.process_time(), time.perf_counter()
+        await engine.run()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        task.cancel()
+        await reader
+        return EngineRun(wall, cpu, engine.windows_run, 0, 0, [], max((m for _, m in samples), default=0.0),
+                         0.0, samples)
+
+    r = asyncio.run(go())
+    after_warm = [m for f, m in r.rss_samples if f >= 0.1]
+    start = after_warm[0] if after_warm else (r.rss_samples[0][1] if r.rss_samples else rss_mb())
+    end = r.rss_samples[-1][1] if r.rss_samples else rss_mb()
+    return {"streams": opts.soak_streams, "simulated_s": opts.soak_s, "wall_s": r.wall_s, "cpu_s": r.cpu_s,
+            "windows": r.windows_run, "rss_mb_at_10pct": start, "rss_mb_end": end,
+            "rss_growth": (end - start) / start if start else None,
+            "rss_mb_samples": [(round(f, 3), round(m, 1))
+                               for f, m in r.rss_samples[:: max(1, len(r.rss_samples) // 40)]]}
+
+
+def check_goals(report: dict[str, Any]) -> dict[str, Any]:
+    values = {
+        "engine_vs_bare": report["engine_vs_bare"]["median"],
+        "capacity_vs_naive": report["capacity_vs_naive"],
+        "host_streams_per_core": report["host"]["streams_per_core"],
+        "mb_per_stream": report["memory"]["mb_per_stream"],
+        "soak_rss_growth": report["soak"]["rss_growth"],
+    }
+    out = {}
+    for key, (what, op, goal) in GOALS.items():
+        v = values[key]
+        met = None if v is None else (v >= goal if op == ">=" else v <= goal)
+        out[key] = {"what": what, "value": v, "goal": f"{op} {goal:g}", "met": met}
+    return out
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as a table for a terminal."""
+    w = report["windows_per_s"]
+    lines = [
+        f"{report['model']} on {report['device'].upper()} ({report['provider']}), {report['cores']} cores, "
+        f"onnxruntime {report['onnxruntime']}, window {report['window_s']:g}s, hop {report['hop_s']:g}s, "
+        f"batch sizes {report['batch_sizes']}",
+        "",
+        f"{'windows per second':<40}{'median':>10}{'min':>10}{'max':>10}",
+    ]
+    for key, label in (("bare", "bare session.run"), ("naive", "naive loop (default session, batch 1)"),
+                       ("engine", "engine --fast")):
+        s = w[key]
+        lines.append(f"{label:<40}{s['median']:>10.2f}{s['min']:>10.2f}{s['max']:>10.2f}")
+    for key, label in (("engine_vs_bare", "engine / bare"), ("naive_vs_bare", "naive / bare")):
+        s = report[key]
+        lines.append(f"{label:<40}{s['median']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}")
+    acc = report["max_score_difference_vs_naive"]
+    if acc is not None:
+        lines.append(f"{'largest score difference vs naive':<40}{acc:>10.2g}")
+    lines += [
+        "",
+        f"live capacity: {report['capacity_streams']} streams (naive loop: {report['naive_capacity_streams']:.1f})",
+        f"host side: {report['host']['streams_per_core']:.0f} streams per core; "
+        f"{report['memory']['mb_per_stream']:.3f} MB per stream ({report['memory']['rss_mb_per_stream']:.3f} MB "
+        "resident)",
+        f"soak: {report['soak']['streams']} streams x {report['soak']['simulated_s']:g}s in "
+        f"{report['soak']['wall_s']:.0f}s, resident memory {report['soak']['rss_mb_at_10pct']:.0f} -> "
+        f"{report['soak']['rss_mb_end']:.0f} MB",
+        "",
+        f"{'goal':<42}{'value':>12}  {'target':<10}",
+    ]
+    for g in report["goals"].values():
+        v = g["value"]
+        shown = "n/a" if v is None else f"{v:.3g}"
+        mark = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
+        lines.append(f"{g['what']:<42}{shown:>12}  {g['goal']:<10}{mark}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    text = json.dumps(report, indent=1, default=float)
+    if path == "-":
+        print(text)
+    else:
+        Path(path).write_text(text + "\n")
