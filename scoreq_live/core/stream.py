@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -50,19 +50,46 @@ class StreamConfig:
 
 @dataclass
 class Window:
-    """One window of one stream, ready for the scorer."""
+    """One window of one stream, ready for the scorer.
+
+    Its samples stay in the stream's ring buffer while the window waits (a
+    live window is scored or replaced within about a hop, long before the ring
+    overwrites them); the stream keeps a copy only when the ring is about to
+    overwrite a window still waiting (files played ``--fast``, a backlog).  So
+    a live stream costs its ring, not its ring and a copy of its window.
+    """
 
     stream: str
     index: int
     start: int  # absolute sample index at 16 kHz
     end: int
-    audio: np.ndarray
     speech: float
     level_dbfs: float
     arrival: float  # time the window's last sample arrived (engine clock)
     reason: SkipReason | None = None  # why it will not be scored, if it will not
     value: float | None = None
     resolved: bool = False
+    ring: RingBuffer | None = field(default=None, repr=False)  # where the samples are, until kept or resolved
+    kept: np.ndarray | None = field(default=None, repr=False)  # the samples, once the ring was about to lose them
+
+    @property
+    def audio(self) -> np.ndarray:
+        """The window's samples (a copy; empty once the window is resolved)."""
+        if self.kept is not None:
+            return self.kept
+        if self.ring is None:
+            return np.zeros(0, dtype=np.float32)
+        return self.ring.read(self.start, self.end)
+
+    def keep(self) -> None:
+        """Copy the samples out of the ring, which is about to overwrite them."""
+        if self.kept is None and self.ring is not None:
+            self.kept = self.ring.read(self.start, self.end)
+        self.ring = None
+
+    def release(self) -> None:
+        self.kept = None
+        self.ring = None
 
     @property
     def needs_scoring(self) -> bool:
@@ -116,6 +143,10 @@ class StreamCore:
         step = self.config.hop
         for k in range(0, max(x.size, 1), step):
             piece = x[k:k + step]
+            lost = self.ring.total + piece.size - self.ring.capacity  # samples before this index are overwritten
+            for w in self._order:
+                if not w.resolved and w.ring is not None and w.start < lost:
+                    w.keep()
             self.ring.write(piece)
             self.vad.feed(piece)
             out += self._make(self.scheduler.due(self.ring.total), now)
@@ -129,18 +160,18 @@ class StreamCore:
     def _make(self, spans: Iterable[WindowSpan], now: float) -> list[Window]:
         out = []
         for span in spans:
-            audio = self.ring.read(span.start, span.end)
-            level = level_dbfs(audio)
+            level = level_dbfs(self.ring.read(span.start, span.end))
             speech = self.vad.fraction(span.start, span.end)
             reason: SkipReason | None = None
             if level < self.config.silence_dbfs:
                 reason = SILENT
             elif speech < self.config.min_speech:
                 reason = NO_SPEECH
-            w = Window(self.name, span.index, span.start, span.end, audio, speech, level, now, reason)
+            w = Window(self.name, span.index, span.start, span.end, speech, level, now, reason)
             if reason is not None:
-                w.resolved = True
-                w.audio = audio[:0]  # not needed any more
+                w.resolved = True  # its samples are not needed
+            else:
+                w.ring = self.ring
             self._order.append(w)
             self.windows += 1
             if reason is None:
@@ -152,7 +183,7 @@ class StreamCore:
         window.value = value
         window.reason = reason if value is None else None
         window.resolved = True
-        window.audio = window.audio[:0]
+        window.release()
 
     def abandon(self, reason: SkipReason) -> int:
         """Give up on every window still waiting for the scorer (``reason`` says why); returns how many.
