@@ -103,7 +103,9 @@ class Source(abc.ABC):
         audio, so the blocks between two windows are handled in one call (at
         most :data:`HOLD_S` of them).  The gathered audio goes on just before
         the window it completes is due (:attr:`due_in`, minus the resampler's
-        delay), so no window waits longer than it would block by block.
+        delay), so no window waits longer than it would block by block.  The
+        first block is passed on at once: the stream has started when its
+        first audio arrives.
         """
         due_in = self.due_in
         if due_in is None:
@@ -113,6 +115,9 @@ class Source(abc.ABC):
         held: list[np.ndarray] = []
         n = 0
         limit = -1.0  # input samples to gather before the next yield; set once the rate is known
+        async for f in frames:  # the first block goes on at once: the stream has started (stream_started)
+            yield f
+            break
         async for f in frames:
             if limit < 0:  # the consumer's need changes only when it gets audio, i.e. after a yield
                 limit = min(self.rate * HOLD_S, (due_in() - DUE_MARGIN) * self.rate / SAMPLE_RATE)
