@@ -66,6 +66,13 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothing", choices=("ema", "median"), default="ema", help="smoothing of the score (default ema)")
     g.add_argument("--smoothing-s", type=float, default=5.0, metavar="S",
                    help="EMA time constant / median span in seconds (default 5)")
+    g.add_argument("--backend", metavar="URL",
+                   help="score on an NVIDIA Triton Inference Server: triton://HOST:8001/MODEL (gRPC) or "
+                        "triton+http://HOST:8000/MODEL; --model still names the contract (default: local)")
+    g.add_argument("--backend-fallback", choices=("local",),
+                   help="while the backend does not answer, score with the local --model (loaded too)")
+    g.add_argument("--backend-timeout", type=float, metavar="S",
+                   help="a backend request's deadline (default: twice the hop, at least 1 s; 30 s with --fast)")
 
 
 def _feed_args(p: argparse.ArgumentParser) -> None:
@@ -178,6 +185,8 @@ def scoring_options(a: argparse.Namespace) -> ScoringOptions:
     return ScoringOptions(model=a.model, model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
                           references=tuple(a.reference), window_s=a.window, hop_s=a.hop, device=a.device,
                           threads=a.threads, max_batch=a.max_batch, min_speech=a.min_speech, vad=a.vad,
+                          backend=getattr(a, "backend", None), backend_fallback=getattr(a, "backend_fallback", None),
+                          backend_timeout_s=getattr(a, "backend_timeout", None),
                           smoothing=a.smoothing, smoothing_s=a.smoothing_s)
 
 

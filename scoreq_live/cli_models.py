@@ -5,6 +5,7 @@
     scoreq-live models import NAME FILE [--md5 HEX] [--mirror URL]
     scoreq-live models quantize NAME --int8|--fp16 --data PATH... [--ops OPS] [--force]
     scoreq-live models remove NAME
+    scoreq-live models triton-repo DIR [NAME...] [--bench JSON] [--fp16] [--gpus N] [--instances N]
     scoreq-live reference add NAME FILE... --model MODEL [--force]
     scoreq-live reference list|show NAME|remove NAME
 """
@@ -57,6 +58,16 @@ def add_models_commands(sub: Subparsers) -> None:
     q.add_argument("--report", metavar="PATH|-", help="also write the fidelity report as JSON")
     rm = sub.add_parser("remove", help="delete a downloaded, imported or derived model from the model folder")
     rm.add_argument("name", metavar="NAME")
+    tr = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository (ONNX Runtime "
+                                            "backend, dynamic batching) for --backend triton://HOST:8001/NAME")
+    tr.add_argument("dir", metavar="DIR")
+    tr.add_argument("names", nargs="*", metavar="NAME", help="catalogue models (default: every installed one)")
+    tr.add_argument("--bench", metavar="JSON", help="a 'scoreq-live bench --json' report made on the serving "
+                                                    "machine: its batch sizes and run time set the batcher")
+    tr.add_argument("--fp16", action="store_true", help="also write each model's float16 variant as NAME-fp16")
+    tr.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs per server, 0 for CPU only (default 1)")
+    tr.add_argument("--instances", type=int, default=1, metavar="N",
+                    help="model instances on each GPU (or on the CPU) (default 1)")
 
 
 def add_reference_parser(sub: Subparsers) -> None:
@@ -93,7 +104,7 @@ def cmd_models(a: argparse.Namespace) -> int:
     """``models`` verbs (``list`` when none is given)."""
     verb = getattr(a, "models_command", None) or "list"
     return {"list": _models_list, "pull": _models_pull, "import": _models_import,
-            "quantize": _models_quantize, "remove": _models_remove}[verb](a)
+            "quantize": _models_quantize, "remove": _models_remove, "triton-repo": _models_triton_repo}[verb](a)
 
 
 def _models_list(a: argparse.Namespace) -> int:
@@ -197,6 +208,23 @@ def _models_remove(a: argparse.Namespace) -> int:
         return _err(f"{a.name} is not installed")
     store.remove(spec.file)
     print(f"{a.name}: removed {spec.file}", file=sys.stderr)
+    return 0
+
+
+def _models_triton_repo(a: argparse.Namespace) -> int:
+    from scoreq_live.errors import ScoreqLiveError
+    from scoreq_live.scoring.triton_repo import write_repository
+
+    root = Path(a.dir)
+    try:
+        written = write_repository(root, a.names, bench=Path(a.bench) if a.bench else None, gpus=a.gpus,
+                                   instances=a.instances, fp16=a.fp16)
+    except ScoreqLiveError as e:
+        return _err(str(e))
+    for folder in written:
+        print(f"{folder.name}: {folder / 'config.pbtxt'}", file=sys.stderr)
+    print(f"serve it: docker run --gpus all -p8000:8000 -p8001:8001 -v {root.resolve()}:/models "
+          "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import (
+    BackendState,
+    BackendStatus,
     EndReason,
     InputDropped,
     ScoreEvent,
@@ -30,12 +32,16 @@ from scoreq_live.core.events import (
     StreamStarted,
 )
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
+from scoreq_live.scoring.scorer import BackendUnavailable
 from scoreq_live.sources.base import Source, SourceError, StreamSet
 
 log = logging.getLogger(__name__)
 
 OVERLOADED: SkipReason = "overloaded"
 ERROR: SkipReason = "error"
+BACKEND_UNAVAILABLE: SkipReason = "backend_unavailable"
+RETRY_FIRST_S = 0.5  # a lost backend is probed after this long, then at doubling intervals ...
+RETRY_MAX_S = 10.0  # ... of at most this
 RECENT_BATCHES = 1024  # run sizes kept for inspection (tests, benchmarks); older ones are only counted
 RUN_EMA_ALPHA = 0.25  # weight of the latest model run in the run time the latency budget follows
 
@@ -44,6 +50,20 @@ class BatchScorer(Protocol):
     """What the engine needs of a scorer: one number per window, for a batch of windows (blocking)."""
 
     def score(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+class AsyncBatchScorer(BatchScorer, Protocol):
+    """A scorer whose model is on an inference server: batches are awaited, several in flight at once."""
+
+    @property
+    def asynchronous(self) -> bool: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    async def probe(self) -> None: ...
 
 
 BatchObserver = Callable[[int, float], None]
@@ -64,6 +84,9 @@ class EngineConfig:
     # Live: the time from a window's last sample to its event (score or skip), in seconds.
     # None: the stream's hop plus twice the recent model run time (see Engine.latency_budget).
     max_latency_s: float | None = None
+    # A scorer on an inference server: batches sent and not answered yet, at most (the live loop and --fast keep
+    # taking windows meanwhile; the server's batcher merges what arrives together).
+    max_inflight: int = 4
 
 
 class _Stop:
@@ -88,15 +111,34 @@ class Engine:
 
     ``sources`` are the inputs known at start: single streams (:class:`Source`)
     and inputs that open streams while the monitor runs (:class:`StreamSet`).
-    :meth:`attach` adds a stream at any time.  :attr:`cores` holds the live
+    :meth:`attach` adds a stream at any time.
+
+    A scorer on an inference server (``asynchronous``, see
+    :class:`AsyncBatchScorer`) gets no executor thread: each batch is sent as a
+    task and the loops keep taking windows while fewer than ``max_inflight``
+    batches are unanswered.  When the server is lost (:class:`BackendUnavailable`)
+    windows are skipped as ``backend_unavailable`` (or scored by ``fallback``),
+    the server is probed with backoff, and :class:`BackendStatus` events say so;
+    no stream ends for it.  :attr:`cores` holds the live
     streams only: an ended stream is forgotten at once (the outputs keep what
     they show of it), so streams that come and go do not grow memory.
     """
 
     def __init__(self, scorer: BatchScorer, sources: Sequence[Source | StreamSet], config: EngineConfig,
                  bus: EventBus, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, fallback: BatchScorer | None = None) -> None:
         self.scorer = scorer
+        # A remote scorer (``score_async``): batches go out as tasks, and windows are skipped as
+        # backend_unavailable (or scored by ``fallback``, a local model) while the server is lost.
+        self.remote: AsyncBatchScorer | None = scorer if getattr(scorer, "asynchronous", False) else None  # type: ignore[assignment]
+        self.fallback = fallback if self.remote is not None else None
+        self.backend_state: BackendState | None = None  # None: no remote backend
+        self.backend_since = 0.0
+        self.backend_error = ""
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()  # set when a request in flight is answered
+        self._probe: asyncio.Task[None] | None = None
+        self._takes = 0  # batches taken (live): the order in which streams were last served
         self.sources = list(sources)
         self.config = config
         self.bus = bus
@@ -286,8 +328,13 @@ class Engine:
         while True:
             first = await self._queue.get()
             if isinstance(first, _Stop):
+                await self._answered()
                 return
-            await self._score_batch(await self._collect(first))
+            if self.remote is not None:
+                await self._wait_room()  # windows queue up meanwhile and join this batch
+                self._dispatch(await self._collect(first))
+            else:
+                await self._score_batch(await self._collect(first))
             del first  # hold nothing of a batch while waiting for the next: ended streams are freed now
             async with self._resolved:
                 self._resolved.notify_all()
@@ -298,9 +345,12 @@ class Engine:
         while True:
             while not self._slots:
                 if self._closing:
+                    await self._answered()
                     return
                 self._wake.clear()
                 await self._wake.wait()
+            if self.remote is not None:
+                await self._wait_room()  # newer windows replace waiting ones meanwhile, as for a local run
             # Windows of other streams due at the same moment join this run (sources are not in step).
             deadline = self.clock() + cfg.batch_wait_s
             while len(self._slots) < cfg.max_batch and not self._closing:
@@ -313,7 +363,9 @@ class Engine:
                 except asyncio.TimeoutError:
                     break
             batch = self._take()
-            if batch:
+            if batch and self.remote is not None:
+                self._dispatch(batch)
+            elif batch:
                 await self._score_batch(batch)
             del batch  # hold nothing of a batch while waiting for the next: ended streams are freed now
             async with self._resolved:
@@ -340,22 +392,30 @@ class Engine:
             elif len(batch) < self.config.max_batch:
                 del self._slots[core]
                 batch.append((core, w))
-                self._served[core] = self.runs
+                self._served[core] = self._takes
         for core in skipped:
             self._publish_drained(core)
+        if batch:
+            self._takes += 1
         return batch
 
-    async def _score_batch(self, batch: list[tuple[StreamCore, Window]]) -> None:
+    async def _score_batch(self, batch: list[tuple[StreamCore, Window]],
+                           scorer: BatchScorer | None = None) -> None:
         audio = [w.audio for _, w in batch]
         t0 = time.perf_counter()
         values: Sequence[float | None]
         reason: SkipReason | None = None
         try:
-            values = list(await asyncio.get_running_loop().run_in_executor(self._executor, self.scorer.score, audio))
+            values = list(await asyncio.get_running_loop().run_in_executor(
+                self._executor, (scorer or self.scorer).score, audio))
         except Exception as e:
             log.error("scoring a batch of %d windows failed: %s", len(batch), e)
             values, reason = [None] * len(batch), ERROR
-        took = time.perf_counter() - t0
+        self._ran(batch, values, reason, time.perf_counter() - t0)
+
+    def _ran(self, batch: list[tuple[StreamCore, Window]], values: Sequence[float | None],
+             reason: SkipReason | None, took: float) -> None:
+        """Count a model run (local or a request's round trip) and publish its windows' events."""
         self.batches.append(len(batch))
         self.runs += 1
         self.windows_run += len(batch)
@@ -363,12 +423,104 @@ class Engine:
         self.run_ema_s = took if ema is None else ema + RUN_EMA_ALPHA * (took - ema)
         for observe in self.batch_observers:
             observe(len(batch), took)
+        self._resolve(batch, values, reason)
+
+    def _resolve(self, batch: list[tuple[StreamCore, Window]], values: Sequence[float | None],
+                 reason: SkipReason | None) -> None:
         touched: dict[str, StreamCore] = {}
         for (core, w), v in zip(batch, values):
-            core.resolve(w, None if v is None else float(v), reason)
+            if not w.resolved:  # a stopped stream has given up on its windows already
+                core.resolve(w, None if v is None else float(v), reason)
             touched[core.name] = core
         for core in touched.values():
             self._publish_drained(core)
+
+    # -- a scorer on an inference server ------------------------------------------------------------
+
+    async def _wait_room(self) -> None:
+        while len(self._inflight) >= max(1, self.config.max_inflight):
+            self._room.clear()
+            await self._room.wait()
+
+    def _dispatch(self, batch: list[tuple[StreamCore, Window]]) -> None:
+        """Send a batch without waiting for its answer (the loop goes on taking windows)."""
+        task = asyncio.get_running_loop().create_task(self._score_remote(batch), name="request")
+        self._inflight.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a scoring request failed: %s", task.exception())
+
+    async def _answered(self) -> None:
+        """Wait for every request in flight (the run is ending)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _score_remote(self, batch: list[tuple[StreamCore, Window]]) -> None:
+        assert self.remote is not None
+        try:
+            if self.backend_state == "up":
+                t0 = time.perf_counter()
+                try:
+                    values = list(await self.remote.score_async([w.audio for _, w in batch]))
+                except BackendUnavailable as e:
+                    self._backend_lost(str(e))
+                except Exception as e:
+                    log.error("scoring a batch of %d windows failed: %s", len(batch), e)
+                    self._ran(batch, [None] * len(batch), ERROR, time.perf_counter() - t0)
+                    return
+                else:
+                    self._ran(batch, values, None, time.perf_counter() - t0)
+                    return
+            if self.fallback is not None:
+                await self._score_batch(batch, self.fallback)
+            else:
+                # Skipped at once, not counted as a model run: no request was made for them.
+                self._resolve(batch, [None] * len(batch), BACKEND_UNAVAILABLE)
+        finally:
+            del batch
+            async with self._resolved:
+                self._resolved.notify_all()
+
+    def _set_backend(self, state: BackendState, error: str = "") -> None:
+        if state == self.backend_state:
+            return
+        self.backend_state, self.backend_error, self.backend_since = state, error, self.wall()
+        assert self.remote is not None
+        self.bus.publish(BackendStatus(stream="", ts=self.backend_since, state=state, backend=self.remote.backend,
+                                       error=error, since=self.backend_since))
+
+    def _backend_lost(self, error: str) -> None:
+        """The backend stopped answering: say so once, and probe it with backoff until it answers."""
+        if self.backend_state != "up":
+            return
+        log.warning("scoring backend lost: %s", error)
+        self._set_backend("fallback" if self.fallback is not None else "down", error)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._reconnect(), name="backend-probe")
+
+    async def _reconnect(self) -> None:
+        assert self.remote is not None
+        wait = RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(wait)
+            try:
+                await self.remote.probe()
+            except BackendUnavailable as e:
+                wait = min(wait * 2, RETRY_MAX_S)
+                if str(e) != self.backend_error:
+                    log.info("scoring backend still unavailable: %s", e)
+                continue
+            except Exception as e:  # a bug in the probe must not end retries silently
+                log.warning("probing the scoring backend failed: %s", e)
+                wait = min(wait * 2, RETRY_MAX_S)
+                continue
+            log.warning("scoring backend back: %s", self.remote.backend)
+            self._set_backend("up")
+            return
 
     def stop(self) -> None:
         """End all streams now (their ``stream_ended`` says ``stopped``); safe from a signal handler."""
@@ -381,6 +533,12 @@ class Engine:
         monitor with one runs until stopped or for ``duration``.
         """
         scorer_task = asyncio.create_task(self._score_loop(), name="scorer")
+        if self.remote is not None:
+            if getattr(getattr(self.remote, "model", None), "connected", True):
+                self._set_backend("up")
+            else:  # started while the server was unreachable (with a local model to fall back on)
+                self.backend_state = "up"
+                self._backend_lost(f"{self.remote.backend} was unreachable at start")
         self._idle.set()
         self._inputs_end = any(not (isinstance(s, StreamSet) and s.endpoint) for s in self.sources)
         for s in self.sources:
@@ -414,5 +572,11 @@ class Engine:
             try:
                 await scorer_task
             finally:
+                if self._probe is not None:
+                    self._probe.cancel()
+                    await asyncio.gather(self._probe, return_exceptions=True)
+                close = getattr(getattr(self.remote, "model", None), "aclose", None)
+                if close is not None:
+                    await close()
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self.bus.close()

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from scoreq_live.scoring.download import Progress
     from scoreq_live.scoring.references import StoredReference
     from scoreq_live.scoring.session import OnnxModel
+    from scoreq_live.scoring.spec import ModelSpec
+    from scoreq_live.scoring.triton import TritonModel
     from scoreq_live.sinks.metrics import MetricsSink
     from scoreq_live.sinks.server import FeedServer, Listen
 
@@ -69,6 +71,26 @@ class ScoringOptions:
     vad: int = 2
     smoothing: Literal["ema", "median"] = "ema"
     smoothing_s: float = 5.0
+    # Score on an inference server: triton://HOST:8001/MODEL (gRPC) or triton+http://HOST:8000/MODEL; the
+    # --model still names the contract (and, with backend_fallback "local", the model scored locally meanwhile).
+    backend: str | None = None
+    backend_fallback: Literal["local"] | None = None
+    backend_timeout_s: float | None = None  # a request's deadline; None: see backend_timeout()
+
+
+def backend_timeout(opts: ScoringOptions, hop_s: float, fast: bool = False) -> float:
+    """A request's deadline: ``--backend-timeout``, else twice the hop (at least 1 s; 30 s with ``--fast``).
+
+    A live window's answer is useful until the next window of its stream is
+    due (the latency budget is the hop plus twice the run time), so a request
+    that has taken two hops has missed it: failing it then lets the engine
+    mark the backend down and probe it, instead of letting windows pile up
+    behind a server that does not answer.  Files played ``--fast`` send
+    larger batches and wait for every window, so they get a long deadline.
+    """
+    if opts.backend_timeout_s is not None:
+        return opts.backend_timeout_s
+    return 30.0 if fast else max(1.0, 2.0 * hop_s)
 
 
 @dataclass(frozen=True)
@@ -135,6 +157,7 @@ class MonitorOptions:
     # the recent model run time.  Windows that cannot make it are skipped ("overloaded").
     max_latency_s: float | None = None
 
+
     @property
     def publishers(self) -> bool:
         """Whether publishers can send streams (WHIP, media websockets): with ``--http`` or ``--whip``."""
@@ -153,14 +176,15 @@ class LoadedScorer:
 
     scorer: Scorer
     stream: StreamConfig
-    model: OnnxModel
+    model: OnnxModel | TritonModel
+    fallback: Scorer | None = None  # --backend-fallback local: the local model, scored while the backend is down
 
     @property
     def mode(self) -> Mode:
         return self.stream.mode
 
 
-def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> LoadedScorer:
+def load_scorer(opts: ScoringOptions, progress: Progress | None = None, fast: bool = False) -> LoadedScorer:
     """The model session, its reference (mode ref) and the stream settings that go with them.
 
     ``progress``: called with (bytes done, total) while a published model is downloaded on first use.
@@ -171,6 +195,7 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> Loade
     from scoreq_live.scoring.references import build_reference, combine
     from scoreq_live.scoring.session import OnnxModel
     from scoreq_live.scoring.store import fingerprint
+    from scoreq_live.scoring.triton import TritonModel
 
     mode = opts.mode
     files, stored = _split_references(opts.references)
@@ -192,9 +217,16 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> Loade
         raise ConfigError("--mode ref needs --reference CLEAN.wav (clean speech to compare against)")
     if mode == "nr" and opts.references:
         raise ConfigError("--reference is only used with --mode ref")
-    model = OnnxModel(spec, device=opts.device, threads=opts.threads)
+    local: OnnxModel | None = None
+    model: OnnxModel | TritonModel
+    if opts.backend:
+        model, local = _remote_model(spec, opts, fast)
+    else:
+        model = local = OnnxModel(spec, device=opts.device, threads=opts.threads)
     spec = model.spec
     window_s, hop_s = spec.windowing(opts.window_s, opts.hop_s)
+    if isinstance(model, TritonModel) and opts.backend_timeout_s is None:
+        model.timeout_s = backend_timeout(opts, hop_s, fast)
     config = StreamConfig(window_s=window_s, hop_s=hop_s, min_speech=opts.min_speech,
                           vad_aggressiveness=opts.vad, smoothing=opts.smoothing,
                           smoothing_s=opts.smoothing_s, model=spec.name, mode=mode)
@@ -210,15 +242,53 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None) -> Loade
                             r.name, r.window_s, r.hop_s, config.window_s, config.hop_s)
         if files:
             try:
-                parts.append(build_reference(model, files, config))
+                # Embedded before the loop starts: locally when the model is here too, else through the backend.
+                parts.append(build_reference(local or model, files, config))
             except ScoreqLiveError as e:
                 raise ConfigError(f"cannot build the reference: {e}") from e
         reference = combine(parts, spec.name)
+    if isinstance(model, TritonModel):
+        return _remote_scorer(model, local, reference, config, opts)
     # Batch sizes measured on this machine (or --max-batch), every shape warmed before the first live window.
     plan = plan_for(model, spec.padded_length(round(config.window_s * spec.sample_rate)),
                     opts.max_batch or MAX_BATCH, given=opts.max_batch)
     log.info("%s", plan.describe())
     return LoadedScorer(Scorer(model, reference, plan=plan), config, model)
+
+
+def _remote_model(spec: ModelSpec, opts: ScoringOptions, fast: bool) -> tuple[TritonModel, OnnxModel | None]:
+    """The model on the ``--backend`` server, checked against the contract, and the local one for a fallback."""
+    from scoreq_live.scoring.scorer import BackendUnavailable
+    from scoreq_live.scoring.session import OnnxModel
+    from scoreq_live.scoring.triton import TritonModel, parse_backend
+
+    if opts.backend_fallback not in (None, "local"):
+        raise ConfigError(f"--backend-fallback {opts.backend_fallback!r}: the only fallback is 'local'")
+    if opts.backend_timeout_s is not None and not (opts.backend_timeout_s > 0 and math.isfinite(
+            opts.backend_timeout_s)):
+        raise ConfigError(f"--backend-timeout must be a positive number of seconds (got {opts.backend_timeout_s:g})")
+    url = parse_backend(opts.backend or "")
+    local = OnnxModel(spec, device=opts.device, threads=opts.threads) if opts.backend_fallback else None
+    # A provisional deadline for the checks at start; load_scorer sets the one that follows the hop.
+    remote = TritonModel(local.spec if local else spec, url, backend_timeout(opts, spec.hop_s, fast), connect=False)
+    try:
+        remote.connect()
+    except BackendUnavailable as e:
+        if local is None:
+            raise ConfigError(f"{e} (give --backend-fallback local to score locally until it answers)") from None
+        # The fallback scores meanwhile; the engine probes the server and checks the contract when it answers.
+        log.warning("%s: scoring locally until it answers", e)
+    return remote, local
+
+
+def _remote_scorer(model: TritonModel, local: OnnxModel | None, reference: Reference | None, config: StreamConfig,
+                   opts: ScoringOptions) -> LoadedScorer:
+    """Scorers for a backend: no batch sizes to measure here (the server's batcher merges requests)."""
+    from scoreq_live.scoring.batching import BatchPlan
+
+    cap = opts.max_batch or MAX_BATCH
+    fallback = Scorer(local, reference, plan=BatchPlan.up_to(cap)) if local is not None else None
+    return LoadedScorer(Scorer(model, reference, plan=BatchPlan.up_to(cap)), config, model, fallback)
 
 
 def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredReference]]:
@@ -318,7 +388,7 @@ class Monitor:
             self.scoring.scorer, self.sources,
             EngineConfig(stream=self.scoring.stream, max_batch=self.scoring.scorer.max_batch,
                          batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast,
-                         max_latency_s=opts.max_latency_s), bus)
+                         max_latency_s=opts.max_latency_s), bus, fallback=self.scoring.fallback)
         for s in self.sinks:
             s.attach(engine)
         loop = asyncio.get_running_loop()
@@ -378,7 +448,7 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
         sources = [*sources, *endpoints.inputs]
     if opts.alert_webhook:
         check_url(opts.alert_webhook)
-    scoring = scoring or load_scorer(opts.scoring, progress=progress)
+    scoring = scoring or load_scorer(opts.scoring, progress=progress, fast=opts.fast)
     mode = scoring.mode
     for rule in rules:
         check_rule_mode(rule, mode)

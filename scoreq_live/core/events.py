@@ -16,8 +16,12 @@ SCHEMA_VERSION = 1
 
 Mode = Literal["nr", "ref"]
 """nr: a MOS 1-5 per window; ref: the distance to a clean reference's embeddings (lower is better)."""
-SkipReason = Literal["silent", "no_speech", "overloaded", "error", "stopped"]
-"""Why a window has no score: too quiet, too little speech, the scorer was behind, it failed, the monitor stopped."""
+SkipReason = Literal["silent", "no_speech", "overloaded", "error", "stopped", "backend_unavailable"]
+"""Why a window has no score: too quiet, too little speech, the scorer was behind, it failed, the monitor stopped,
+the inference server (``--backend``) did not answer in time or could not be reached."""
+BackendState = Literal["up", "down", "fallback"]
+"""A remote scoring backend's state: answering; not answering (windows skipped); not answering, windows scored
+by the local model meanwhile (``--backend-fallback local``)."""
 EndReason = Literal["eof", "stopped", "error", "inactive", "bye", "closed", "disconnected"]
 """Why a stream ended: its input ended, the monitor was stopped, the input failed, no packets came for the
 timeout (RTP, WebRTC, media websockets), the sender said goodbye (RTCP BYE), the publisher ended it (WHIP
@@ -231,6 +235,27 @@ class ClearedEvent(AlertChange):
 
     type: ClassVar[str] = "cleared"
     reason: Literal["recovered", "stream_ended"] = "recovered"
+
+
+@dataclass
+class BackendStatus(Event):
+    """The remote scoring backend (``--backend``) changed state; monitor-wide, so ``stream`` is ``""``.
+
+    Sent when the monitor starts with a backend and on every change only.
+    ``since`` is the Unix time the state began; ``error`` says why the backend
+    is down (empty when up).
+    """
+
+    type: ClassVar[str] = "backend"
+    state: BackendState = "up"
+    backend: str = ""  # the backend's URL
+    error: str = ""
+    since: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["since"] = round(self.since, 3)
+        return d
 
 
 def state_after(ev: Event) -> StreamState | None:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.batching import BatchPlan
 from scoreq_live.scoring.spec import Mode, ModelSpec
 
@@ -143,3 +144,51 @@ class Scorer:
         if self.reference is None:
             return y[:, 0].astype(np.float64)
         return self.reference.distance(y).astype(np.float64)
+
+    # -- a model on an inference server: requests in flight concurrently ----------------------------
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the model is remote (has ``run_async``): the engine then keeps requests in flight."""
+        return callable(getattr(self.model, "run_async", None))
+
+    @property
+    def backend(self) -> str:
+        """Where the model runs, for status events: a remote model's URL, else ''."""
+        return str(getattr(self.model, "url", ""))
+
+    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """:meth:`score` for a remote model: the runs of one call are sent together, not one after another.
+
+        Raises :class:`BackendUnavailable` when the server cannot be reached in time.
+        """
+        import asyncio
+
+        if len(windows) == 0:
+            return np.zeros(0, dtype=np.float64)
+        model: AsyncModel = self.model  # type: ignore[assignment]  # checked by `asynchronous`
+        parts = list(batches(windows, self.spec, self.plan))
+        outs = await asyncio.gather(*(model.run_async(b) for _, b in parts))
+        y = np.empty((len(windows), outs[0].shape[1]), dtype=np.float32)
+        for (idx, _), o in zip(parts, outs):
+            y[idx] = o
+        if self.reference is None:
+            return y[:, 0].astype(np.float64)
+        return self.reference.distance(y).astype(np.float64)
+
+    async def probe(self) -> None:
+        """Check that a remote model can serve again (raises :class:`BackendUnavailable` when not)."""
+        model: AsyncModel = self.model  # type: ignore[assignment]
+        await model.probe_async()
+
+
+class AsyncModel(Model, Protocol):
+    """A model on an inference server: batches are sent without blocking, many in flight at once."""
+
+    async def run_async(self, batch: np.ndarray) -> np.ndarray: ...
+
+    async def probe_async(self) -> None: ...
+
+
+class BackendUnavailable(ScoreqLiveError):
+    """The inference server did not answer in time or the connection is lost (the windows are skipped)."""

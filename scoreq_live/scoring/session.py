@@ -15,14 +15,13 @@ import io
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from scoreq_live.scoring.spec import DEVICES, Device, ModelError, ModelSpec
+from scoreq_live.scoring.spec import DEVICES, Device, ModelError, ModelSpec, TensorInfo, check_contract
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +99,6 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def _dim(d: object) -> int | None:
-    return d if isinstance(d, int) and d > 0 else None
-
-
 class OnnxModel:
     """Runs ``[batch, samples]`` float32 batches through an ONNX file that fits :class:`ModelSpec`."""
 
@@ -135,49 +130,11 @@ class OnnxModel:
         self._buffers: dict[tuple[int, int], tuple[ort.OrtValue, ort.OrtValue | None]] = {}
 
     def _check_contract(self, spec: ModelSpec) -> tuple[ModelSpec, int | None]:
-        inputs = self.session.get_inputs()
-        outputs = self.session.get_outputs()
-        where = f"model {spec.name!r} ({spec.file})"
-        if spec.input_name is None:
-            if len(inputs) != 1:
-                raise ModelError(f"{where}: expected one input, found {[i.name for i in inputs]}")
-            inp = inputs[0]
-        else:
-            match = [i for i in inputs if i.name == spec.input_name]
-            if not match:
-                raise ModelError(f"{where}: no input named {spec.input_name!r} (has {[i.name for i in inputs]})")
-            inp = match[0]
-        if len(inp.shape) != 2:
-            raise ModelError(
-                f"{where}: input {inp.name!r} must be [batch, samples], has rank {len(inp.shape)} {inp.shape}")
-        if inp.type != "tensor(float)":
-            raise ModelError(f"{where}: input {inp.name!r} must be float32, is {inp.type}")
-        if spec.output_name is None:
-            out = outputs[0]
-        else:
-            match = [o for o in outputs if o.name == spec.output_name]
-            if not match:
-                raise ModelError(f"{where}: no output named {spec.output_name!r} (has {[o.name for o in outputs]})")
-            out = match[0]
-        if len(out.shape) != 2:
-            raise ModelError(f"{where}: output {out.name!r} must be [batch, n], has rank {len(out.shape)} {out.shape}")
-        dim = _dim(out.shape[1])
-        if spec.kind == "mos" and dim not in (None, 1):
-            raise ModelError(f"{where}: a 'mos' model must output [batch, 1], {out.name!r} is [batch, {dim}]")
-        if spec.kind == "embedding" and dim == 1:
-            raise ModelError(f"{where}: an 'embedding' model must output [batch, D>1], {out.name!r} is [batch, 1]")
-        fixed = _dim(inp.shape[1])
-        if spec.input_samples and fixed and fixed != spec.input_samples:
-            raise ModelError(f"{where}: spec says {spec.input_samples} input samples, the file takes {fixed}")
-        spec = replace(
-            spec,
-            input_name=inp.name,
-            output_name=out.name,
-            input_samples=spec.input_samples or fixed,
-        )
-        if fixed and spec.native_window_s * spec.sample_rate > fixed:
-            spec = replace(spec, native_window_s=fixed / spec.sample_rate)
-        return spec, (1 if spec.kind == "mos" else dim)
+        def info(arg: ort.NodeArg) -> TensorInfo:
+            return TensorInfo(arg.name, tuple(arg.shape), arg.type, arg.type == "tensor(float)")
+
+        return check_contract(spec, [info(i) for i in self.session.get_inputs()],
+                              [info(o) for o in self.session.get_outputs()], f"model {spec.name!r} ({spec.file})")
 
     def describe(self) -> str:
         return f"{self.spec.name} on {self.device.upper()} ({self.provider})"

@@ -133,3 +133,68 @@ def load_spec_file(path: str | Path, model_file: str | Path | None = None) -> Mo
         return ModelSpec(**data)
     except TypeError as e:
         raise ModelError(f"model spec {path}: {e}") from e
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One input or output as a runtime describes it (an ONNX Runtime session, Triton's model metadata)."""
+
+    name: str
+    shape: tuple[object, ...]  # ints; a symbolic name, None or -1 for a free dimension
+    dtype: str  # the runtime's own name for the type, for messages
+    float32: bool
+
+
+def _dim(d: object) -> int | None:
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def check_contract(spec: ModelSpec, inputs: list[TensorInfo], outputs: list[TensorInfo], where: str,
+                   holder: str = "the file") -> tuple[ModelSpec, int | None]:
+    """Check a runtime's inputs and outputs against the contract; return the completed spec and output size.
+
+    The one set of checks for every runtime, so a local file and a model on an
+    inference server are refused with the same message.  ``where`` names the
+    model in messages.  The output size is 1 for ``mos``, D (or None when the
+    runtime leaves it free) for ``embedding``.  ``holder`` is what holds the model, in messages.
+    """
+    if spec.input_name is None:
+        if len(inputs) != 1:
+            raise ModelError(f"{where}: expected one input, found {[i.name for i in inputs]}")
+        inp = inputs[0]
+    else:
+        match = [i for i in inputs if i.name == spec.input_name]
+        if not match:
+            raise ModelError(f"{where}: no input named {spec.input_name!r} (has {[i.name for i in inputs]})")
+        inp = match[0]
+    if len(inp.shape) != 2:
+        raise ModelError(
+            f"{where}: input {inp.name!r} must be [batch, samples], has rank {len(inp.shape)} {list(inp.shape)}")
+    if not inp.float32:
+        raise ModelError(f"{where}: input {inp.name!r} must be float32, is {inp.dtype}")
+    if not outputs:
+        raise ModelError(f"{where}: the model has no output")
+    if spec.output_name is None:
+        out = outputs[0]
+    else:
+        match = [o for o in outputs if o.name == spec.output_name]
+        if not match:
+            raise ModelError(f"{where}: no output named {spec.output_name!r} (has {[o.name for o in outputs]})")
+        out = match[0]
+    if len(out.shape) != 2:
+        raise ModelError(
+            f"{where}: output {out.name!r} must be [batch, n], has rank {len(out.shape)} {list(out.shape)}")
+    if not out.float32:
+        raise ModelError(f"{where}: output {out.name!r} must be float32, is {out.dtype}")
+    dim = _dim(out.shape[1])
+    if spec.kind == "mos" and dim not in (None, 1):
+        raise ModelError(f"{where}: a 'mos' model must output [batch, 1], {out.name!r} is [batch, {dim}]")
+    if spec.kind == "embedding" and dim == 1:
+        raise ModelError(f"{where}: an 'embedding' model must output [batch, D>1], {out.name!r} is [batch, 1]")
+    fixed = _dim(inp.shape[1])
+    if spec.input_samples and fixed and fixed != spec.input_samples:
+        raise ModelError(f"{where}: spec says {spec.input_samples} input samples, {holder} takes {fixed}")
+    spec = replace(spec, input_name=inp.name, output_name=out.name, input_samples=spec.input_samples or fixed)
+    if fixed and spec.native_window_s * spec.sample_rate > fixed:
+        spec = replace(spec, native_window_s=fixed / spec.sample_rate)
+    return spec, (1 if spec.kind == "mos" else dim)

@@ -24,6 +24,7 @@ from scoreq_live import __version__
 from scoreq_live.core.events import (
     SCHEMA_VERSION,
     AlertEvent,
+    BackendStatus,
     ClearedEvent,
     Event,
     InputDropped,
@@ -194,6 +195,7 @@ class FeedHub:
         self.published = 0
         self.dropped = 0  # frames dropped for slow clients, all clients together
         self.disconnected: Counter[str] = Counter()  # reason -> clients
+        self.backend: bytes | None = None  # the latest backend status event (--backend), as sent
         self._seq = 0
 
     # -- events in ------------------------------------------------------------
@@ -229,6 +231,11 @@ class FeedHub:
             s.started = (seq, frame)
             self._expire(now)
             return
+        if isinstance(ev, BackendStatus):
+            self.backend = frame  # the latest only: a new client is told the backend's state after hello
+            return
+        if not ev.stream:
+            return  # a monitor-wide event (a relay's gap): live clients get it, it belongs to no stream
         s = self._stream(ev.stream)
         state = state_after(ev)
         if state is not None:
@@ -333,6 +340,8 @@ class FeedHub:
     def _snapshot(self, client: FeedClient) -> list[bytes]:
         histories = [s.history() for s in self.streams.values() if client.wants(s.name)]
         frames = [_frame(self.hello(client))]
+        if self.backend is not None:
+            frames.append(self.backend)
         frames += [frame for _, frame in heapq.merge(*histories, key=lambda x: x[0])]
         frames.append(_frame({"v": SCHEMA_VERSION, "type": "history_end"}))
         return frames

@@ -20,7 +20,15 @@ from prometheus_client.metrics_core import Metric
 
 from scoreq_live import __version__
 from scoreq_live.bus import EventBus, Subscription
-from scoreq_live.core.events import AlertEvent, ClearedEvent, Event, InputDropped, ScoreEvent, state_after
+from scoreq_live.core.events import (
+    AlertEvent,
+    BackendStatus,
+    ClearedEvent,
+    Event,
+    InputDropped,
+    ScoreEvent,
+    state_after,
+)
 from scoreq_live.sinks.base import Sink
 
 if TYPE_CHECKING:
@@ -120,6 +128,12 @@ class MetricsSink(Sink):
                                    "windows)", buckets=INFERENCE_BUCKETS, registry=r)
         self.batch = Histogram("scoreq_live_batch_windows", "Windows per model run", buckets=BATCH_BUCKETS,
                                registry=r)
+        self.backend_up = Gauge("scoreq_live_backend_up", "1 while the scoring backend (--backend) answers, 0 while "
+                                "it does not (windows skipped, or scored by the local fallback)", ["backend"],
+                                registry=r)
+        self.backend_skipped = Counter("scoreq_live_backend_unavailable_windows", "Windows not scored because the "
+                                       "scoring backend did not answer (all streams, ended ones included)",
+                                       registry=r)
         info = Gauge("scoreq_live_build_info", "Version, model and mode of this monitor (always 1)",
                      ["version", "model", "mode"], registry=r)
         info.labels(__version__, model, mode).set(1)
@@ -153,7 +167,12 @@ class MetricsSink(Sink):
     def update(self, ev: Event) -> None:
         """Fold one event into the metrics."""
         s = ev.stream
+        if isinstance(ev, BackendStatus):
+            self.backend_up.labels(ev.backend).set(1 if ev.state == "up" else 0)
+            return
         if isinstance(ev, ScoreEvent):
+            if ev.reason == "backend_unavailable":
+                self.backend_skipped.inc()
             result = ev.reason or "scored"
             self.windows.labels(s, result).inc()
             self._results.setdefault(s, set()).add(result)

@@ -21,6 +21,7 @@ from rich.text import Text
 from scoreq_live.bus import Subscription
 from scoreq_live.core.events import (
     AlertEvent,
+    BackendStatus,
     ClearedEvent,
     Event,
     InputDropped,
@@ -73,6 +74,7 @@ class PanelState:
         self.max_ended = max_ended
         self.rows: dict[str, StreamRow] = {}
         self.alerts: dict[str, AlertEvent] = {}  # id -> the alert, while raised
+        self.backend: BackendStatus | None = None  # the scoring backend's latest state (--backend)
 
     def row(self, name: str) -> StreamRow:
         if name not in self.rows:
@@ -85,6 +87,9 @@ class PanelState:
             return
         if isinstance(ev, ClearedEvent):
             self.alerts.pop(ev.id, None)
+            return
+        if isinstance(ev, BackendStatus):  # monitor-wide: a line of its own, not a stream's row
+            self.backend = ev
             return
         if isinstance(ev, StreamStarted):
             self.rows.pop(ev.stream, None)  # a stream that starts again starts clean
@@ -224,6 +229,21 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None, now: 
     return table
 
 
+def render_backend(state: PanelState, now: float | None = None) -> Text | None:
+    """One line for the scoring backend (``--backend``): where it is and its state, or None without one."""
+    b = state.backend
+    if b is None:
+        return None
+    if b.state == "up":
+        return Text(f"backend {b.backend}: up", style="green")
+    for_s = max(0.0, (time.time() if now is None else now) - b.since)
+    what = "scoring locally meanwhile" if b.state == "fallback" else "windows skipped (backend_unavailable)"
+    line = Text(f"backend {b.backend}: DOWN for {for_s:.0f}s, {what}, retrying", style="bold red")
+    if b.error:
+        line.append(f" — {b.error}", style="red")
+    return line
+
+
 def render_alerts(state: PanelState) -> Text | None:
     """One line under the table with every raised alert, or None when there is none."""
     if not state.alerts:
@@ -257,8 +277,9 @@ class TerminalSink(Sink):
         errors += [Text(f"{r.name}: {r.dropped_s:.2f}s of input dropped (the monitor fell behind the sound card)",
                         style="yellow") for r in self.state.rows.values() if r.dropped_s]
         alerts = render_alerts(self.state)
-        return Group(head, render(self.state, self.console.width, self.bands), *([alerts] if alerts else []),
-                     *errors)
+        backend = render_backend(self.state)
+        return Group(head, *([backend] if backend else []), render(self.state, self.console.width, self.bands),
+                     *([alerts] if alerts else []), *errors)
 
     async def run(self, events: Subscription) -> None:
         with Live(self.renderable(), console=self.console, refresh_per_second=self.refresh,

@@ -404,6 +404,19 @@
     grid.replaceChildren();
   }
 
+  /** The scoring backend's state (--backend): a chip beside the model, red while it does not answer. */
+  function onBackend(msg) {
+    const chip = $("meta-backend");
+    const down = msg.state !== "up";
+    const since = new Date((num(msg.since) ?? 0) * 1000).toLocaleTimeString();
+    chip.hidden = false;
+    chip.dataset.state = String(msg.state);
+    setText(chip, msg.state === "up" ? "backend up"
+      : msg.state === "fallback" ? `backend down since ${since} · scoring locally`
+      : `backend down since ${since} · windows skipped`);
+    chip.title = `${msg.backend || ""}${down && msg.error ? "\n" + msg.error : ""}`;
+  }
+
   /** Handle one feed message; unknown types are ignored (newer servers may send more). */
   function onMessage(msg) {
     if (!msg || typeof msg !== "object") return;
@@ -417,6 +430,7 @@
       case "stream_error": onStreamError(msg); break;
       case "alert": fireAlert(msg, true); break;
       case "cleared": clearAlert(msg); break;
+      case "backend": onBackend(msg); break;
       case "error": // the server did not like something we sent or asked for
         state.serverError = String(msg.error || "error");
         alertsDirty = true;
