@@ -31,6 +31,10 @@ set -euo pipefail
 #   libcap2-bin        - setcap: sipp's pcap play writes UDP headers through a
 #                        raw socket, which needs CAP_NET_RAW; granted to the
 #                        sipp binary below, so that a non-root user can run it
+#
+# One feed for many monitors (tests/redis_tools.py, `--publish`, `feed --subscribe`):
+#   redis-server       - the broker the tests start on a loopback port of their
+#                        own (Debian's service is not used)
 # ---------------------------------------------------------------------------
 PACKAGES=(
     # microphone path
@@ -45,6 +49,8 @@ PACKAGES=(
     ffmpeg
     sip-tester
     libcap2-bin
+    # one feed for many monitors
+    redis-server
 )
 
 missing=()

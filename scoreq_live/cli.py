@@ -6,6 +6,7 @@
     scoreq-live devices
     scoreq-live models    list|pull|import|quantize|remove ...
     scoreq-live reference add|list|show|remove ...
+    scoreq-live feed      --subscribe redis://HOST:6379/CHANNEL [--ws HOST:PORT] [--http HOST:PORT]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from scoreq_live.errors import ScoreqLiveError
 if TYPE_CHECKING:
     from scoreq_live.monitor import MonitorOptions, ScoringOptions
 
-COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench")
+COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench", "feed")
 
 def examples_dir() -> Path:
     """Where the example recordings are: installed as package data from the top-level examples/."""
@@ -105,6 +106,15 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alert", action="append", default=[], metavar="RULE",
                    help="raise an alert event, e.g. 'mos<3.0 for 10s' or 'distance>0.6 for 5s' (repeatable)")
     g.add_argument("--alert-webhook", metavar="URL", help="POST every alert and cleared event as JSON to URL")
+    r = p.add_argument_group("one feed for many monitors: publish to Redis ('scoreq-live feed --subscribe')")
+    r.add_argument("--publish", metavar="redis://HOST:6379/CHANNEL",
+                   help="publish every event to Redis pub/sub (rediss:// for TLS, redis://:PASSWORD@HOST/...; "
+                        "default channel scoreq-live); a broker outage never stops scoring")
+    r.add_argument("--monitor-name", metavar="NAME",
+                   help="this monitor's name on the feed: its streams show as NAME/STREAM (default: host name)")
+    r.add_argument("--publish-buffer", type=int, default=10_000, metavar="N",
+                   help="events kept while the broker is unreachable; beyond, the oldest are dropped and "
+                        "reported (default 10000)")
     g.add_argument("--linger", type=float, metavar="S",
                    help="keep serving the feed S seconds after the inputs end (default: until Ctrl-C when --ws or "
                         "--http is given, else 0)")
@@ -149,6 +159,25 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     _scoring_args(p)
 
 
+def _relay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subscribe", action="append", default=[], required=True, metavar="redis://HOST:6379/CHANNEL",
+                   help="the broker and channel monitors --publish to (repeatable)")
+    p.add_argument("--ws", metavar="HOST:PORT", help="serve the feed to websocket clients here")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve the browser panel, /metrics and the feed at /ws here")
+    p.add_argument("--token", help="clients must present it; required beyond loopback (default: $SCOREQ_LIVE_TOKEN)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to connect besides the panel's own (repeatable; '*': any)")
+    p.add_argument("--max-clients", type=int, default=256, metavar="N", help="websocket clients at once (default 256)")
+    p.add_argument("--history-s", type=float, default=300.0, metavar="S",
+                   help="seconds of each stream's history sent to a new client (default 300)")
+    p.add_argument("--mode", choices=("nr", "ref"), default="nr",
+                   help="what the panel shows: MOS (nr) or distance (ref) (default nr)")
+    p.add_argument("--bands", metavar="GOOD,FAIR", help="colour bands for the panel (default: the mode's)")
+    p.add_argument("--jsonl", metavar="PATH|-", help="also write every relayed event as a JSON line")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("-q", "--quiet", action="store_true", help="no start-up messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scoreq-live", description="Realtime speech-quality monitor.")
     p.add_argument("--version", action="version", version=f"scoreq-live {__version__}")
@@ -167,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     _scoring_args(s)
     sub.add_parser("devices", help="list sound input devices")
+    _relay_args(sub.add_parser("feed", help="serve one feed, panel and /metrics for many monitors that --publish "
+                                            "to Redis (streams named MONITOR/STREAM)"))
     _bench_args(sub.add_parser("bench", help="measure what this machine scores: model alone, naive loop, engine, "
                                              "host side, live capacity, memory (to size a deployment)"))
     mo = sub.add_parser("models", help="known models")
@@ -206,6 +237,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
     return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
                           jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout, max_latency_s=a.max_latency,
+                          publish=a.publish, monitor_name=a.monitor_name, publish_buffer=a.publish_buffer,
                           ingest=IngestOptions(listen=a.whip, ice_hosts=tuple(a.ice_host), stun=tuple(a.stun),
                                                max_sessions=a.max_sessions))
 
@@ -355,6 +387,28 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feed(a: argparse.Namespace) -> int:
+    import os
+
+    from scoreq_live.monitor import FeedOptions
+    from scoreq_live.relay import RelayOptions, RelayServer
+    from scoreq_live.sinks.server import TOKEN_ENV
+
+    feed = FeedOptions(ws=a.ws, http=a.http, token=a.token or os.environ.get(TOKEN_ENV),
+                       allowed_origins=tuple(a.allowed_origin), max_clients=a.max_clients, history_s=a.history_s)
+    opts = RelayOptions(subscribe=tuple(a.subscribe), feed=feed, mode=a.mode, bands=a.bands, jsonl=a.jsonl,
+                        duration=a.duration)
+    notify = (lambda line: None) if a.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        relay = RelayServer(opts, notify=notify)
+        asyncio.run(relay.run())
+    except ScoreqLiveError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     from scoreq_live.cli_models import cmd_models as run
 
@@ -382,4 +436,4 @@ def main(argv: list[str] | None = None) -> int:
         a.models_command = "list"
     return {"monitor": cmd_monitor, "demo": cmd_demo, "score": cmd_score,
             "devices": cmd_devices, "models": cmd_models, "reference": cmd_reference, "bench": cmd_bench,
-            }[a.command](a)
+            "feed": cmd_feed}[a.command](a)

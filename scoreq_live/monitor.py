@@ -28,7 +28,7 @@ from scoreq_live.engine import Engine, EngineConfig
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.scorer import Reference, Scorer
 from scoreq_live.sinks.bands import Bands
-from scoreq_live.sinks.base import Sink
+from scoreq_live.sinks.base import Sink, close_sinks, start_sinks
 from scoreq_live.sources import Input, open_inputs
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from scoreq_live.scoring.spec import ModelSpec
     from scoreq_live.scoring.triton import TritonModel
     from scoreq_live.sinks.metrics import MetricsSink
+    from scoreq_live.sinks.redis import BrokerAddress
     from scoreq_live.sinks.server import FeedServer, Listen
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,11 @@ class MonitorOptions:
     # Live: seconds from a window's last sample to its score or skip; None: the hop plus twice
     # the recent model run time.  Windows that cannot make it are skipped ("overloaded").
     max_latency_s: float | None = None
-
+    # Publish every event to Redis pub/sub (redis://HOST:6379/CHANNEL) for `scoreq-live feed --subscribe`, as
+    # monitor `monitor_name` (None: this machine's host name), buffering at most `publish_buffer` events.
+    publish: str | None = None
+    monitor_name: str | None = None
+    publish_buffer: int = 10_000
 
     @property
     def publishers(self) -> bool:
@@ -375,15 +380,7 @@ class Monitor:
         bus = EventBus()
         if self.rules:
             bus.derive.append(AlertEvaluator(self.rules).feed)  # alert events follow the score that caused them
-        started: list[Sink] = []
-        try:
-            for s in self.sinks:
-                await s.start()
-                started.append(s)
-        except BaseException:
-            await _close_sinks(started)
-            raise
-        sink_tasks = [asyncio.create_task(s.run(bus.subscribe(name=type(s).__name__))) for s in self.sinks]
+        sink_tasks = await start_sinks(self.sinks, bus)
         engine = self.engine = Engine(
             self.scoring.scorer, self.sources,
             EngineConfig(stream=self.scoring.stream, max_batch=self.scoring.scorer.max_batch,
@@ -418,8 +415,7 @@ class Monitor:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             bus.close()
-            await _close_sinks(self.sinks)
-            await asyncio.gather(*sink_tasks, return_exceptions=True)
+            await close_sinks(self.sinks, sink_tasks)
         return engine
 
 
@@ -448,6 +444,7 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
         sources = [*sources, *endpoints.inputs]
     if opts.alert_webhook:
         check_url(opts.alert_webhook)
+    broker = _publish_address(opts)
     scoring = scoring or load_scorer(opts.scoring, progress=progress, fast=opts.fast)
     mode = scoring.mode
     for rule in rules:
@@ -463,8 +460,36 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
         monitor.sinks.append(hook)
         if monitor.metrics is not None:
             monitor.metrics.watch_drops("webhook", lambda: hook.dropped)
+    if broker is not None:
+        from scoreq_live.sinks.redis import RedisPublisher
+
+        publisher = RedisPublisher(broker, opts.monitor_name or _host_name(), buffer_size=opts.publish_buffer,
+                                   notify=notify)
+        monitor.sinks.append(publisher)
+        if monitor.metrics is not None:
+            monitor.metrics.watch_drops("redis", lambda: publisher.dropped)
     monitor.sinks += sinks
     return monitor
+
+
+def _publish_address(opts: MonitorOptions) -> BrokerAddress | None:
+    """``--publish`` checked before the model loads; a broker that is down is not an error (it is retried)."""
+    from scoreq_live.sinks.redis import check_monitor_name, parse_broker_url
+
+    if opts.monitor_name is not None:
+        check_monitor_name(opts.monitor_name)
+    if opts.publish is None:
+        return None
+    if opts.publish_buffer < 1:
+        raise ConfigError(f"--publish-buffer must be at least 1 (got {opts.publish_buffer})")
+    return parse_broker_url(opts.publish)
+
+
+def _host_name() -> str:
+    """The default ``--monitor-name``: this machine's name, up to its first dot ('/' cannot be in a name)."""
+    import socket
+
+    return socket.gethostname().split(".")[0].replace("/", "-") or "monitor"
 
 
 def _feed_addresses(feed: FeedOptions) -> tuple[Listen | None, Listen | None]:
@@ -519,11 +544,3 @@ async def run_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, scori
                       sources: list[Input] | None = None) -> Engine:
     """Build the monitor the options describe and run it (see :func:`build_monitor`)."""
     return await build_monitor(opts, sinks, scoring=scoring, sources=sources).run()
-
-
-async def _close_sinks(sinks: Sequence[Sink]) -> None:
-    for s in sinks:
-        try:
-            await s.close()
-        except Exception:  # one sink failing to close must not keep the others open
-            log.exception("closing %s failed", type(s).__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
 
 SCHEMA_VERSION = 1
@@ -272,3 +272,57 @@ def state_after(ev: Event) -> StreamState | None:
     if isinstance(ev, StreamError):
         return "error"
     return None
+
+
+@dataclass
+class MonitorGap(Event):
+    """A feed relay (``scoreq-live feed --subscribe``) did not get some of a monitor's events.
+
+    Counted exactly from the monitors' sequence numbers: ``missing`` events of
+    ``monitor`` in this gap, ``missing_total`` for it so far.  ``dropped_total``
+    is how many of its events the monitor itself reports having dropped while
+    its broker was unreachable (the rest were lost in the broker or while the
+    relay was reconnecting).  Monitor-wide: ``stream`` is ``""``.
+    """
+
+    type: ClassVar[str] = "gap"
+    monitor: str = ""
+    missing: int = 0
+    missing_total: int = 0
+    dropped_total: int = 0
+
+
+def _event_types() -> dict[str, type[Event]]:
+    """Every concrete event class by its ``type``, found by walking the subclasses (new types join by themselves)."""
+    found: dict[str, type[Event]] = {}
+    todo: list[type[Event]] = [Event]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.type not in ("event", "alert_change"):
+            found[cls.type] = cls
+    return found
+
+
+def event_from_dict(d: dict[str, Any]) -> Event:
+    """The event that :meth:`Event.to_dict` turned into ``d``: the inverse, for every event type.
+
+    What a feed relay uses to turn another monitor's JSON back into events.  Keys
+    the event does not have are ignored (a newer minor schema may add some);
+    an unknown ``type`` or a missing ``stream``/``ts`` raises ValueError.
+    """
+    kind = d.get("type")
+    cls = _event_types().get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"unknown event type {kind!r}")
+    if not isinstance(d.get("stream"), str) or not isinstance(d.get("ts"), (int, float)):
+        raise ValueError(f"a {kind} event needs 'stream' (text) and 'ts' (a number)")
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if cls is ScoreEvent and isinstance(kwargs.get("net"), dict):
+        kwargs["net"] = NetQuality(**{k: v for k, v in kwargs["net"].items()
+                                      if k in {f.name for f in fields(NetQuality)}})
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"a {kind} event without its fields: {e}") from None
