@@ -36,3 +36,15 @@ def test_read_returns_a_copy():
     a = rb.read(0, 4)
     rb.write(np.zeros(2, np.float32))
     assert a.tolist() == [0, 1, 2, 3]
+
+
+def test_views_are_the_samples_without_a_copy_across_the_wrap():
+    ring = RingBuffer(10)
+    ring.write(np.arange(14, dtype=np.float32))  # holds 4..13, wrapped
+    parts = ring.views(5, 12)
+    assert len(parts) == 2 and all(p.base is not None for p in parts)  # views of the ring, not copies
+    np.testing.assert_array_equal(np.concatenate(parts), np.arange(5, 12, dtype=np.float32))
+    (one,) = ring.views(4, 6)
+    np.testing.assert_array_equal(one, [4, 5])
+    with pytest.raises(IndexError):
+        ring.views(3, 6)

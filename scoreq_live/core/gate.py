@@ -12,6 +12,7 @@ this window for a MOS to mean anything".
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Final, Literal
 
 import numpy as np
@@ -25,12 +26,20 @@ NO_SPEECH: Final[Literal["no_speech"]] = "no_speech"
 SILENT: Final[Literal["silent"]] = "silent"
 
 
-def level_dbfs(samples: np.ndarray, floor: float = -120.0) -> float:
-    """RMS level in dB relative to full scale (a full-scale sine is -3 dBFS)."""
-    if samples.size == 0:
+def level_dbfs(samples: np.ndarray | Sequence[np.ndarray], floor: float = -120.0) -> float:
+    """RMS level in dB relative to full scale (a full-scale sine is -3 dBFS).
+
+    ``samples``: an array, or the parts of one (a window as views of a ring buffer, not copied).
+    """
+    parts = [samples] if isinstance(samples, np.ndarray) else list(samples)
+    size = sum(p.size for p in parts)
+    if size == 0:
         return floor
-    x = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
-    rms = math.sqrt(float(np.dot(x, x)) / x.size)  # one BLAS pass, no temporary array (every window, every stream)
+    energy = 0.0
+    for p in parts:  # one BLAS pass per part, no temporary array (every window, every stream)
+        x = np.ascontiguousarray(p, dtype=np.float32).reshape(-1)
+        energy += float(np.dot(x, x))
+    rms = math.sqrt(energy / size)
     if rms <= 0.0:
         return floor
     return max(floor, 20.0 * math.log10(rms))

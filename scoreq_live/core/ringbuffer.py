@@ -45,8 +45,8 @@ class RingBuffer:
             self._data[:n - first] = x[first:]
         self.total += n
 
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Return a copy of samples ``[start, end)`` (absolute indices)."""
+    def views(self, start: int, end: int) -> tuple[np.ndarray, ...]:
+        """Samples ``[start, end)`` as one or two views of the ring (no copy; valid until the next write)."""
         if start < self.oldest or end > self.total or start > end:
             raise IndexError(
                 f"samples [{start}, {end}) not held (ring holds [{self.oldest}, {self.total}))"
@@ -54,6 +54,10 @@ class RingBuffer:
         n = end - start
         pos = start % self.capacity
         if pos + n <= self.capacity:
-            return self._data[pos:pos + n].copy()
-        first = self.capacity - pos
-        return np.concatenate((self._data[pos:], self._data[:n - first]))
+            return (self._data[pos:pos + n],)
+        return (self._data[pos:], self._data[:n - (self.capacity - pos)])
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Return a copy of samples ``[start, end)`` (absolute indices)."""
+        parts = self.views(start, end)
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)

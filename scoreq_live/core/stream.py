@@ -160,7 +160,7 @@ class StreamCore:
     def _make(self, spans: Iterable[WindowSpan], now: float) -> list[Window]:
         out = []
         for span in spans:
-            level = level_dbfs(self.ring.read(span.start, span.end))
+            level = level_dbfs(self.ring.views(span.start, span.end))
             speech = self.vad.fraction(span.start, span.end)
             reason: SkipReason | None = None
             if level < self.config.silence_dbfs:
