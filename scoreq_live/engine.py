@@ -257,10 +257,11 @@ class Engine:
                 if not started:
                     self._started(source)
                     started = True
-                if source.dropped_s > lost:
+                dropped = source.dropped_through_s
+                if dropped > lost:
                     self.bus.publish(InputDropped(stream=source.name, ts=self.wall(), t=core.t,
-                                                  dropped_s=source.dropped_s - lost, total_s=source.dropped_s))
-                    lost = source.dropped_s
+                                                  dropped_s=dropped - lost, total_s=dropped))
+                    lost = dropped
                 for w in core.feed(chunk, self.clock()):
                     await self._submit(core, w)
                 self._publish_drained(core)

@@ -93,3 +93,42 @@ def test_gathered_blocks_give_the_same_windows_and_scores(tiny_nr):
         assert (m1 is None) == (m2 is None)
         if m1 is not None:
             assert abs(m1 - m2) < 1e-5
+
+
+class Lossy(Source):
+    """5 s of 20 ms blocks at 16 kHz; 0.2 s of input is lost just before block ``gap_at`` (as a sound card does)."""
+
+    def __init__(self, gap_at: int) -> None:
+        super().__init__("lossy")
+        self.rate, self.channels = 16_000, 1
+        self.gap_at = gap_at
+        self._lost = 0.0
+
+    @property
+    def dropped_s(self) -> float:
+        return self._lost
+
+    async def frames(self) -> AsyncIterator[np.ndarray]:
+        noise = (0.1 * np.random.default_rng(1).standard_normal(320)).astype(np.float32)
+        for i in range(250):
+            if i == self.gap_at:
+                self._lost = 0.2
+            yield noise
+
+
+class Instant:
+    def score(self, windows):
+        return np.full(len(windows), 3.0)
+
+
+def test_a_loss_is_reported_where_the_gap_is_though_blocks_are_gathered():
+    bus = EventBus()
+    sub = bus.subscribe()
+    cfg = EngineConfig(stream=StreamConfig(window_s=2.0, hop_s=1.0, model="x"), max_batch=4, fast=True)
+    asyncio.run(Engine(Instant(), [Lossy(gap_at=60)], cfg, bus).run())
+    drops = []
+    while (ev := sub.get_nowait()) is not None:
+        if type(ev).__name__ == "InputDropped":
+            drops.append(ev)
+    assert len(drops) == 1 and drops[0].dropped_s == drops[0].total_s == 0.2
+    assert abs(drops[0].t - 60 * 0.02) < 1e-9  # the stream time of the gap: 60 blocks in, not where a hold ended

@@ -75,6 +75,7 @@ class Source(abc.ABC):
         self.end_reason: EndReason = "eof"
         # Set by the engine: 16 kHz samples the stream still needs before its next window is due (see held()).
         self.due_in: Callable[[], int] | None = None
+        self._dropped_through: float | None = None  # set by held(): what dropped_through_s says
 
     def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
         """What the network did to the audio between two stream times (seconds); None for inputs without one."""
@@ -90,6 +91,15 @@ class Source(abc.ABC):
         The engine reports each increase as an ``input_dropped`` event.
         """
         return 0.0
+
+    @property
+    def dropped_through_s(self) -> float:
+        """Seconds of input lost before the audio handed on so far (:attr:`dropped_s` when nothing is gathered).
+
+        While :meth:`held` gathers blocks, a loss shows here only with the first audio after it, so the
+        engine reports it at the stream time where the gap is.
+        """
+        return self.dropped_s if self._dropped_through is None else self._dropped_through
 
     @abc.abstractmethod
     def frames(self) -> AsyncIterator[np.ndarray]:
@@ -116,9 +126,15 @@ class Source(abc.ABC):
         n = 0
         limit = -1.0  # input samples to gather before the next yield; set once the rate is known
         async for f in frames:  # the first block goes on at once: the stream has started (stream_started)
+            self._dropped_through = seen = self.dropped_s
             yield f
             break
         async for f in frames:
+            if self.dropped_s != seen:  # input was lost before f: what was gathered goes on first
+                if held:
+                    yield held[0] if len(held) == 1 else np.concatenate(held)
+                    held, n, limit = [], 0, -1.0
+                self._dropped_through = seen = self.dropped_s  # reported with f's audio, where the gap is
             if limit < 0:  # the consumer's need changes only when it gets audio, i.e. after a yield
                 limit = min(self.rate * HOLD_S, (due_in() - DUE_MARGIN) * self.rate / SAMPLE_RATE)
             held.append(f)
