@@ -122,14 +122,18 @@ async def test_engine_scores_files_through_triton_as_it_does_locally(server):
 
 
 def test_two_monitors_share_the_server_and_get_merged_batches(server, tmp_path):
-    """Each monitor sends requests of one window, at most 4 in flight: an execution of more than 4 merged both."""
+    """Each monitor sends requests of one window, at most 4 in flight: an execution of more than 4 merged both.
+
+    Three streams each, so that each monitor keeps requests in flight for longer than the other takes to start.
+    """
     before = server.batch_sizes("distillmos")
     procs, outs = [], []
     for name in ("m1", "m2"):
         out = tmp_path / f"{name}.jsonl"
         outs.append(out)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "scoreq_live", "monitor", "-i", f"{name}={EXAMPLES / 'clean.wav'}", "--fast",
+            [sys.executable, "-m", "scoreq_live", "monitor",
+             *[a for k in range(3) for a in ("-i", f"{name}-{k}={EXAMPLES / 'clean.wav'}")], "--fast",
              "--no-tui", "--no-ws", "-q", "--hop", "0.5", "--max-batch", "1", "--backend", server.url("distillmos"),
              "--jsonl", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
@@ -147,8 +151,8 @@ def test_two_monitors_share_the_server_and_get_merged_batches(server, tmp_path):
     scores = []
     for out in outs:
         evs = [json.loads(line) for line in out.read_text().splitlines()]
-        scores.append({e["window"]: e["mos"] for e in evs if e["type"] == "score"})
-        assert all(v is not None for v in scores[-1].values()) and len(scores[-1]) > 30
+        scores.append({(e["stream"][-1], e["window"]): e["mos"] for e in evs if e["type"] == "score"})
+        assert all(v is not None for v in scores[-1].values()) and len(scores[-1]) > 90
     assert scores[0] == scores[1]  # the same file scored in merged batches gets the same scores
 
 
