@@ -2,8 +2,6 @@
 
 import asyncio
 import json
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -14,43 +12,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.helpers import EXAMPLES
+from tests.helpers import EXAMPLES, ScoreqProcess
 
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "scoreq_live", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
-
-
-class Monitor:
-    """``scoreq-live`` in the background, its stderr read line by line."""
-
-    def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "scoreq_live", *map(str, args)], stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-
-    def wait_for(self, pattern, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if m := re.search(pattern, line):
-                    return m
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-        raise AssertionError(f"{pattern!r} not seen in:\n{''.join(self.lines)}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.stderr.close()
 
 
 async def feed_snapshot(url):
@@ -62,7 +29,7 @@ async def feed_snapshot(url):
 
 
 def test_demo_with_ws_and_http_keeps_serving_after_the_inputs_end_until_ctrl_c():
-    mon = Monitor("demo", "--fast", "--no-tui", "--ws", "127.0.0.1:0", "--http", "127.0.0.1:0",
+    mon = ScoreqProcess("demo", "--fast", "--no-tui", "--ws", "127.0.0.1:0", "--http", "127.0.0.1:0",
                   "--alert", "mos<3.5 for 3s", "--history-s", "600")
     try:
         ws_port = int(mon.wait_for(r"feed: ws://127\.0\.0\.1:(\d+)/")[1])

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,34 +21,19 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.helpers import MUSHRA, joined
+from tests.helpers import MUSHRA, ScoreqProcess, joined
 from tests.media_tools import mulaw_encode, send_paced, to_8k, twilio_call
 from tests.whip_tools import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Monitor:
-    """``scoreq-live monitor`` in the background; stderr read until its addresses are printed."""
+class Monitor(ScoreqProcess):
+    """``scoreq-live monitor`` in the background, writing its events to a JSON lines file."""
 
     def __init__(self, tmp_path: Path, *args: str) -> None:
         self.jsonl = tmp_path / "events.jsonl"
-        self.proc = subprocess.Popen([sys.executable, "-m", "scoreq_live", "monitor", "--no-tui", "--no-ws",
-                                      "--jsonl", str(self.jsonl), *args],
-                                     cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match[str]:
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"{pattern!r} not seen in:\n{''.join(self.lines)}")
+        super().__init__("monitor", "--no-tui", "--no-ws", "--jsonl", self.jsonl, *args)
 
     def events(self) -> list[dict]:
         if not self.jsonl.exists():
@@ -67,18 +50,6 @@ class Monitor:
                 raise AssertionError(f"{what}: not within {timeout} s; events "
                                      f"{[(e['type'], e.get('stream'), e.get('reason')) for e in evs][-20:]}")
             await asyncio.sleep(0.2)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            if self.proc.stderr is not None:
-                self.lines += self.proc.stderr.readlines()
-                self.proc.stderr.close()
 
 
 def _of(evs: list[dict], stream: str, kind: str) -> list[dict]:

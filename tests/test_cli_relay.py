@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,67 +23,23 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.helpers import EXAMPLES, stop_process
+from tests.helpers import EXAMPLES, ScoreqProcess
 from tests.redis_tools import RedisServer
 
 CLEAN, LYRA3 = EXAMPLES / "clean.wav", EXAMPLES / "lyra3.wav"
 
 
-class Proc:
-    """A ``scoreq-live`` process whose stderr is collected by a thread (nothing blocks on a full pipe)."""
-
-    def __init__(self, *args: object) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "scoreq_live", *map(str, args)], stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not seen in:\n{''.join(self.lines)}")
-
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._reader.join(5)
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        stop_process(self.proc)
-        self._reader.join(5)
-        return self.proc.returncode
-
-
 def monitor(tiny: Path, url: str, name: str, jsonl: Path, *inputs: Path, duration: float = 12.0,
-            extra: tuple[str, ...] = ()) -> Proc:
+            extra: tuple[str, ...] = ()) -> ScoreqProcess:
     args: list[object] = ["monitor", "--model", tiny, "--model-kind", "mos", "--no-tui", "--no-ws", "--threads", "1",
                           "--publish", url, "--monitor-name", name, "--jsonl", jsonl, "--duration", duration, *extra]
     for f in inputs:
         args += ["--input", f"{f.stem}={f}"]
-    return Proc(*args)
+    return ScoreqProcess(*args)
 
 
-def relay(url: str, jsonl: Path) -> tuple[Proc, int, int]:
-    p = Proc("feed", "--subscribe", url, "--ws", "127.0.0.1:0", "--http", "127.0.0.1:0", "--jsonl", jsonl)
+def relay(url: str, jsonl: Path) -> tuple[ScoreqProcess, int, int]:
+    p = ScoreqProcess("feed", "--subscribe", url, "--ws", "127.0.0.1:0", "--http", "127.0.0.1:0", "--jsonl", jsonl)
     ws = int(p.wait_for(r"feed: ws://127\.0\.0\.1:(\d+)/")[1])
     http = int(p.wait_for(r"panel: http://127\.0\.0\.1:(\d+)/")[1])
     p.wait_for(r"relay: subscribed to redis://")

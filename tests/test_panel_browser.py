@@ -13,19 +13,12 @@ narrows it, and without the token it says so.  A screenshot goes to
 from __future__ import annotations
 
 import re
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.browser import chromium, require_browser
-from tests.helpers import EXAMPLES, ROOT
+from tests.helpers import EXAMPLES, ROOT, ScoreqProcess
 
 TOKEN = "panel-test-token"
 RULE = "mos<3.3 for 3s"
@@ -39,62 +32,33 @@ def free_port() -> int:
 
 
 class Monitor:
-    """``python -m scoreq_live`` on the demo recordings, serving the panel on ``http_port``."""
+    """``python -m scoreq_live`` on the demo recordings, serving the panel on ``http_port``; restartable."""
 
-    def __init__(self, http_port: int, ws_port: int, log: Path, inputs: list[str] | None = None,
+    def __init__(self, http_port: int, ws_port: int, inputs: list[str] | None = None,
                  extra: tuple[str, ...] = ()) -> None:
-        self.http_port, self.ws_port, self.log = http_port, ws_port, log
+        self.http_port, self.ws_port = http_port, ws_port
         self.inputs = inputs or [f"clean={EXAMPLES / 'clean.wav'}", f"lyra3={EXAMPLES / 'lyra3.wav'}"]
         self.extra = extra
-        self.proc: subprocess.Popen | None = None
+        self.proc: ScoreqProcess | None = None
 
     def start(self) -> Monitor:
-        cmd = [
-            sys.executable, "-m", "scoreq_live", *(a for i in self.inputs for a in ("--input", i)),
+        self.proc = ScoreqProcess(
+            *(a for i in self.inputs for a in ("--input", i)),
             "--http", f"127.0.0.1:{self.http_port}", "--ws", f"127.0.0.1:{self.ws_port}",
-            "--token", TOKEN, "--alert", RULE, "--no-tui", "--device", "cpu", *self.extra,
-        ]
-        self._out = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_http()
+            "--token", TOKEN, "--alert", RULE, "--no-tui", "--device", "cpu", *self.extra)
+        self.proc.wait_http(f"http://127.0.0.1:{self.http_port}/")
         return self
 
-    def _wait_http(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"monitor exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"monitor did not serve the panel within {timeout:.0f} s:\n{self.output()}")
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # as Ctrl-C: the monitor closes its server cleanly
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
         if self.proc is not None:
-            self._out.close()
+            self.proc.stop(timeout=10)  # as Ctrl-C: the monitor closes its server cleanly
         self.proc = None
-
-    def output(self) -> str:
-        self._out.flush()
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture
 def monitor(tmp_path):
     require_browser()  # before the model loads: a skip should cost nothing
-    m = Monitor(free_port(), free_port(), tmp_path / "monitor.log")
+    m = Monitor(free_port(), free_port())
     try:
         yield m.start()
     finally:
@@ -225,7 +189,7 @@ def test_panel_shows_a_call_legs_network_numbers(tmp_path):
     pcap = tmp_path / "call.pcap"
     write_pcap(pcap, [RtpFlow(EXAMPLES / "clean.wav", "pcmu", ssrc=0x0A0B0C0D, duration_s=12.0,
                               drop_at=frozenset(range(7, 600, 20)))])
-    m = Monitor(free_port(), free_port(), tmp_path / "monitor.log", inputs=[f"call=pcap:{pcap}"])
+    m = Monitor(free_port(), free_port(), inputs=[f"call=pcap:{pcap}"])
     try:
         m.start()
         with chromium(viewport={"width": 1280, "height": 760}) as ctx:
@@ -243,7 +207,7 @@ def test_panel_shows_streams_thinned_when_scoring_cannot_keep_up(tmp_path):
     from playwright.sync_api import expect
 
     require_browser()
-    m = Monitor(free_port(), free_port(), tmp_path / "monitor.log", extra=("--hop", "0.01"))
+    m = Monitor(free_port(), free_port(), extra=("--hop", "0.01"))
     try:
         m.start()
         with chromium(viewport={"width": 1280, "height": 760}) as ctx:

@@ -17,21 +17,16 @@ from __future__ import annotations
 import http.server
 import json
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.browser import WEBRTC_LOOPBACK, chromium, fake_microphone, require_browser
-from tests.helpers import EXAMPLES, MUSHRA, ROOT, speech_16k
+from tests.helpers import EXAMPLES, MUSHRA, ScoreqProcess, speech_16k
 
 TOKEN = "publish-test-token"
 MOS = re.compile(r"^\d\.\d\d$")
@@ -51,51 +46,26 @@ class PublishMonitor:
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.jsonl = workdir / "events.jsonl"
-        self.log = workdir / "monitor.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: ScoreqProcess | None = None
 
     def start(self) -> PublishMonitor:
-        cmd = [
-            sys.executable, "-m", "scoreq_live", "monitor", "--http", f"127.0.0.1:{self.port}", "--no-ws",
-            "--no-tui", "--ice-host", "127.0.0.1", "--rtp-timeout", "3", "--token", TOKEN,
-            "--jsonl", str(self.jsonl), "--device", "cpu",
-        ]
-        self._out = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"monitor exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"monitor did not serve the panel within 60 s:\n{self.output()}")
+        self.proc = ScoreqProcess(
+            "monitor", "--http", f"127.0.0.1:{self.port}", "--no-ws", "--no-tui", "--ice-host", "127.0.0.1",
+            "--rtp-timeout", "3", "--token", TOKEN, "--jsonl", self.jsonl, "--device", "cpu")
+        self.proc.wait_http(f"{self.url}/")
+        return self
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._out.close()
+        if self.proc is not None:
+            self.proc.stop(timeout=15)
         self.proc = None
 
     def output(self) -> str:
-        self._out.flush()
-        return self.log.read_text(errors="replace")[-4000:]
+        return self.proc.output() if self.proc is not None else ""
 
     def events(self, stream: str) -> list[dict]:
         """The JSONL events of one stream so far (the file is written line by line)."""
