@@ -133,10 +133,15 @@ class EngineRun:
 
 
 async def run_engine(scorer: Any, sources: Sequence[Source], stream: StreamConfig, max_batch: int, fast: bool,
-                     sample_every_s: float = 0.25, progress: Callable[[], float] | None = None) -> EngineRun:
-    """Run sources through the engine; count what it did and sample resident memory while it runs."""
+                     sample_every_s: float = 0.25, progress: Callable[[Engine], float] | None = None,
+                     keep_latencies: bool = True) -> EngineRun:
+    """Run sources through the engine; count what it did and sample resident memory while it runs.
+
+    ``progress``: what fraction of the run is done (recorded with each memory sample).  Without
+    ``keep_latencies`` nothing grows with the run (the soak must not measure its own records).
+    """
     bus = EventBus()
-    sub = bus.subscribe(maxsize=1_000_000, name="bench")
+    sub = bus.subscribe(maxsize=1_000_000 if keep_latencies else 1024, name="bench")
     engine = Engine(scorer, sources, EngineConfig(stream=stream, max_batch=max_batch, fast=fast), bus)
     latencies: list[float] = []
     counts = {"scored": 0, "overloaded": 0}
@@ -148,7 +153,8 @@ async def run_engine(scorer: Any, sources: Sequence[Source], stream: StreamConfi
             if isinstance(ev, ScoreEvent):
                 if ev.value is not None:
                     counts["scored"] += 1
-                    latencies.append(ev.latency_ms)
+                    if keep_latencies:
+                        latencies.append(ev.latency_ms)
                 elif ev.reason == "overloaded":
                     counts["overloaded"] += 1
 
@@ -158,7 +164,7 @@ async def run_engine(scorer: Any, sources: Sequence[Source], stream: StreamConfi
             await asyncio.sleep(sample_every_s)
             now = rss_mb()
             peak = max(peak, now)
-            samples.append((progress() if progress else 0.0, now))
+            samples.append((progress(engine) if progress else 0.0, now))
 
     reader = asyncio.create_task(read())
     sampler = asyncio.create_task(sample())
@@ -387,41 +393,12 @@ def capacity_trials(scorer: Any, stream: StreamConfig, clip: np.ndarray, engine_
 def run_soak(stream: StreamConfig, clip: np.ndarray, opts: BenchOptions) -> dict[str, Any]:
     """Host side over ``soak_s`` seconds of ``soak_streams`` streams, as fast as it goes; memory sampled."""
     sources = [ClipSource(f"k{i}", clip, opts.soak_s, fast=True, offset=i * 4801) for i in range(opts.soak_streams)]
-    total = opts.soak_s
-    state: dict[str, Any] = {}
 
-    def done() -> float:
-        eng = state.get("engine")
-        if eng is None or not eng.cores:
-            return 1.0 if eng is not None else 0.0
-        return min(c.t for c in eng.cores.values()) / total
+    def done(engine: Engine) -> float:  # the least advanced live stream's time, as a fraction of the soak
+        return min((c.t for c in engine.cores.values()), default=opts.soak_s) / opts.soak_s
 
-    async def go() -> EngineRun:
-        bus = EventBus()
-        sub = bus.subscribe(maxsize=1024, name="soak")  # bounded: the soak must not measure its own backlog
-        engine = Engine(NullScorer(), sources, EngineConfig(stream=stream, max_batch=HOST_BATCH, fast=True), bus)
-        state["engine"] = engine
-        samples: list[tuple[float, float]] = []
-
-        async def sample() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                samples.append((done(), rss_mb()))
-
-        async def drain() -> None:
-            async for _ in sub:
-                pass
-
-        task, reader = asyncio.create_task(sample()), asyncio.create_task(drain())
-        c0, t0 = time.process_time(), time.perf_counter()
-        await engine.run()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        task.cancel()
-        await reader
-        return EngineRun(wall, cpu, engine.windows_run, 0, 0, [], max((m for _, m in samples), default=0.0),
-                         0.0, samples)
-
-    r = asyncio.run(go())
+    r = asyncio.run(run_engine(NullScorer(), sources, stream, HOST_BATCH, fast=True, sample_every_s=0.5,
+                               progress=done, keep_latencies=False))
     after_warm = [m for f, m in r.rss_samples if f >= 0.1]
     start = after_warm[0] if after_warm else (r.rss_samples[0][1] if r.rss_samples else rss_mb())
     end = r.rss_samples[-1][1] if r.rss_samples else rss_mb()
