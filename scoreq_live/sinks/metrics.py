@@ -106,7 +106,7 @@ class MetricsSink(Sink):
         self.latency = Gauge("scoreq_live_latency_seconds", "From the latest window's last sample to its event",
                              per, registry=r)
         self.windows = Counter("scoreq_live_windows", "Windows by result: scored, or why not (silent, no_speech, "
-                               "overloaded, error, stopped)", ["stream", "result"], registry=r)
+                               "overloaded, error, backend_unavailable, stopped)", ["stream", "result"], registry=r)
         self.alert_active = Gauge("scoreq_live_alert_active", "1 while an alert is raised on a stream",
                                   ["stream", "rule"], registry=r)
         self.alerts = Counter("scoreq_live_alerts", "Alerts raised", ["rule"], registry=r)
