@@ -1,4 +1,4 @@
-"""Reading whole audio files for offline scoring and references."""
+"""Reading whole audio files for offline scoring and references; where the example recordings are."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import soxr
 
 from scoreq_live.core import SAMPLE_RATE
 from scoreq_live.errors import ScoreqLiveError
+
+
+def examples_dir() -> Path:
+    """Where the example recordings are: installed as package data from the top-level examples/."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("scoreq_live.examples")))
+    except ModuleNotFoundError:  # running from a source tree without installing
+        return Path(__file__).resolve().parent.parent / "examples"
 
 
 class AudioError(ScoreqLiveError):

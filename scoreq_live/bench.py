@@ -1,6 +1,7 @@
 """``scoreq-live bench``: how many streams this machine scores, measured against baselines in the same run.
 
-Five measurements of one model on one device:
+Five measurements of one model on one device of this machine (a local ONNX session: the bare and naive
+baselines run the model file themselves, so a ``--backend`` server is refused):
 
 - **bare**: the model alone, ``session.run`` on ready windows in the monitor's batch sizes;
 - **naive**: what a script does (a session with default options, one run per window per stream);
@@ -28,18 +29,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soxr
 
-from scoreq_live.audio import load_audio
+from scoreq_live.audio import examples_dir, load_audio
 from scoreq_live.bus import EventBus
 from scoreq_live.core import SAMPLE_RATE
 from scoreq_live.core.events import ScoreEvent
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.engine import Engine, EngineConfig
+from scoreq_live.errors import ConfigError
+from scoreq_live.scoring.load import LoadedScorer, ScoringOptions, load_scorer
 from scoreq_live.sources.base import Source
+
+if TYPE_CHECKING:
+    from scoreq_live.scoring.scorer import Scorer
+    from scoreq_live.scoring.session import OnnxModel
 
 LIVE_RATE = 48_000  # bench streams arrive at 48 kHz (WebRTC, sound devices), so the host side resamples
 BLOCK_S = 0.02  # and in 20 ms blocks, as RTP and WebRTC deliver them
@@ -54,6 +61,9 @@ GOALS = {
     "mb_per_stream": ("memory per stream, MB", "<=", 1.0),
     "soak_rss_growth": ("resident memory growth over the soak", "<=", 0.05),
 }
+
+NOT_LOCAL = ("bench measures scoring on this machine (the model file in a local session) and cannot use "
+             "--backend; measure a Triton server with its own perf_analyzer")
 
 
 def rss_mb() -> float:
@@ -179,8 +189,6 @@ async def run_engine(scorer: Any, sources: Sequence[Source], stream: StreamConfi
 
 def speech_clip() -> np.ndarray:
     """The bundled clean speech recording at 48 kHz (the host side resamples it, as for a live input)."""
-    from scoreq_live.cli import examples_dir
-
     x16 = load_audio(examples_dir() / "clean.wav")
     return soxr.resample(x16, SAMPLE_RATE, LIVE_RATE).astype(np.float32)
 
@@ -215,13 +223,29 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def bench(scoring: Any, opts: BenchOptions, say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Run every measurement for a loaded scorer (:class:`~scoreq_live.monitor.LoadedScorer`); the report."""
+def load_bench_scorer(opts: ScoringOptions) -> LoadedScorer:
+    """The scorer to bench: the model on this machine (``--backend`` is refused before anything loads)."""
+    if opts.backend:
+        raise ConfigError(NOT_LOCAL)
+    return load_scorer(opts)
+
+
+def local_model(scoring: LoadedScorer) -> OnnxModel:
+    """The local ONNX session a bench measures (its file is what the bare and naive baselines run)."""
+    from scoreq_live.scoring.session import OnnxModel
+
+    if not isinstance(scoring.model, OnnxModel):
+        raise ConfigError(NOT_LOCAL)
+    return scoring.model
+
+
+def bench(scoring: LoadedScorer, opts: BenchOptions, say: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Run every measurement for a scorer loaded on this machine (:func:`load_bench_scorer`); the report."""
     import onnxruntime as ort
 
     from scoreq_live.scoring.session import session_options
 
-    model, scorer, stream = scoring.model, scoring.scorer, scoring.stream
+    model, scorer, stream = local_model(scoring), scoring.scorer, scoring.stream
     spec = model.spec
     plan = scorer.plan
     clip = speech_clip()
@@ -355,7 +379,7 @@ def measure_memory(stream: StreamConfig, clip: np.ndarray, n: int, max_batch: in
             "rss_mb_per_stream": max(rss, default=0.0) / n}
 
 
-def capacity_trials(scorer: Any, stream: StreamConfig, clip: np.ndarray, engine_wps: float, opts: BenchOptions,
+def capacity_trials(scorer: Scorer, stream: StreamConfig, clip: np.ndarray, engine_wps: float, opts: BenchOptions,
                     say: Callable[[str], None]) -> list[dict[str, Any]]:
     """Live runs at rising or falling stream counts, starting from the measured engine throughput."""
     hop = stream.hop_s

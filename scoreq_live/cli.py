@@ -15,25 +15,16 @@ import argparse
 import asyncio
 import logging
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scoreq_live import __version__
 from scoreq_live.errors import ScoreqLiveError
 
 if TYPE_CHECKING:
-    from scoreq_live.monitor import MonitorOptions, ScoringOptions
+    from scoreq_live.monitor import FeedOptions, MonitorOptions
+    from scoreq_live.scoring.load import ScoringOptions
 
 COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench", "feed")
-
-def examples_dir() -> Path:
-    """Where the example recordings are: installed as package data from the top-level examples/."""
-    from importlib.resources import files
-
-    try:
-        return Path(str(files("scoreq_live.examples")))
-    except ModuleNotFoundError:  # running from a source tree without installing
-        return Path(__file__).resolve().parent.parent / "examples"
 
 
 def _err(msg: str) -> int:
@@ -76,18 +67,25 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
                    help="a backend request's deadline (default: twice the hop, at least 1 s; 30 s with --fast)")
 
 
-def _feed_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("live feed, panel, metrics and alerts")
-    g.add_argument("--ws", metavar="HOST:PORT", help="serve every event to websocket clients (default "
-                                                    "127.0.0.1:8765; skipped with a notice when that port is busy)")
-    g.add_argument("--no-ws", action="store_true", help="no websocket feed")
-    g.add_argument("--http", metavar="HOST:PORT", help="serve the browser panel, /metrics and the feed at /ws "
-                                                      "(off unless given), e.g. 127.0.0.1:8080")
+def _serve_args(g: argparse._ArgumentGroup, ws_help: str, http_help: str) -> None:
+    """The feed server's flags: a monitor's own feed and 'feed --subscribe' serve alike (see :func:`feed_options`)."""
+    g.add_argument("--ws", metavar="HOST:PORT", help=ws_help)
+    g.add_argument("--http", metavar="HOST:PORT", help=http_help)
     g.add_argument("--token", help="clients must present it ('Authorization: Bearer TOKEN' or ?token=TOKEN); "
                                    "required to listen beyond loopback (default: $SCOREQ_LIVE_TOKEN)")
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed to connect besides the panel's own (repeatable; '*': any)")
     g.add_argument("--max-clients", type=int, default=256, metavar="N", help="websocket clients at once (default 256)")
+    g.add_argument("--history-s", type=float, default=300.0, metavar="S",
+                   help="seconds of each stream's history sent to a new client (default 300)")
+
+
+def _feed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("live feed, panel, metrics and alerts")
+    _serve_args(g, "serve every event to websocket clients (default 127.0.0.1:8765; skipped with a notice when "
+                   "that port is busy)",
+                "serve the browser panel, /metrics and the feed at /ws (off unless given), e.g. 127.0.0.1:8080")
+    g.add_argument("--no-ws", action="store_true", help="no websocket feed")
     w = p.add_argument_group("publishers: WebRTC (WHIP) and media-stream websockets, on --http and --whip")
     w.add_argument("--whip", metavar="HOST:PORT", help="serve only the publishers' endpoints (POST /whip, "
                                                       "/media websockets) here, e.g. 127.0.0.1:8088 (they are also "
@@ -99,8 +97,6 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
                    help="STUN server for a public candidate when the monitor is behind NAT (repeatable)")
     w.add_argument("--max-sessions", type=int, default=64, metavar="N",
                    help="WebRTC sessions at once, and media websockets at once (default 64; more get 503)")
-    g.add_argument("--history-s", type=float, default=300.0, metavar="S",
-                   help="seconds of each stream's history sent to a new client (default 300)")
     g.add_argument("--bands", metavar="GOOD,FAIR", help="colour bands for the panel: MOS >= GOOD good, >= FAIR fair "
                                                         "(default 4,3); in --mode ref distance <= GOOD, <= FAIR")
     g.add_argument("--alert", action="append", default=[], metavar="RULE",
@@ -162,14 +158,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _relay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subscribe", action="append", default=[], required=True, metavar="redis://HOST:6379/CHANNEL",
                    help="the broker and channel monitors --publish to (repeatable)")
-    p.add_argument("--ws", metavar="HOST:PORT", help="serve the feed to websocket clients here")
-    p.add_argument("--http", metavar="HOST:PORT", help="serve the browser panel, /metrics and the feed at /ws here")
-    p.add_argument("--token", help="clients must present it; required beyond loopback (default: $SCOREQ_LIVE_TOKEN)")
-    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
-                   help="browser origin allowed to connect besides the panel's own (repeatable; '*': any)")
-    p.add_argument("--max-clients", type=int, default=256, metavar="N", help="websocket clients at once (default 256)")
-    p.add_argument("--history-s", type=float, default=300.0, metavar="S",
-                   help="seconds of each stream's history sent to a new client (default 300)")
+    _serve_args(p.add_argument_group("live feed, panel and metrics"), "serve the feed to websocket clients here",
+                "serve the browser panel, /metrics and the feed at /ws here")
     p.add_argument("--mode", choices=("nr", "ref"), default="nr",
                    help="what the panel shows: MOS (nr) or distance (ref) (default nr)")
     p.add_argument("--bands", metavar="GOOD,FAIR", help="colour bands for the panel (default: the mode's)")
@@ -211,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def scoring_options(a: argparse.Namespace) -> ScoringOptions:
     """The scoring flags as options."""
-    from scoreq_live.monitor import ScoringOptions
+    from scoreq_live.scoring.load import ScoringOptions
 
     return ScoringOptions(model=a.model, model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
                           references=tuple(a.reference), window_s=a.window, hop_s=a.hop, device=a.device,
@@ -221,19 +211,26 @@ def scoring_options(a: argparse.Namespace) -> ScoringOptions:
                           smoothing=a.smoothing, smoothing_s=a.smoothing_s)
 
 
-def monitor_options(a: argparse.Namespace) -> MonitorOptions:
-    """The monitor flags as options: the only thing the command line decides."""
+def feed_options(a: argparse.Namespace, ws: str | None, ws_required: bool = True) -> FeedOptions:
+    """The feed server's flags as options; ``ws``: the websocket address the command settled on."""
     import os
 
-    from scoreq_live.monitor import FeedOptions, IngestOptions, MonitorOptions
-    from scoreq_live.sinks.server import DEFAULT_WS_PORT, TOKEN_ENV
+    from scoreq_live.monitor import FeedOptions
+    from scoreq_live.sinks.server import TOKEN_ENV
+
+    return FeedOptions(ws=ws, ws_required=ws_required, http=a.http, token=a.token or os.environ.get(TOKEN_ENV),
+                       allowed_origins=tuple(a.allowed_origin), max_clients=a.max_clients, history_s=a.history_s)
+
+
+def monitor_options(a: argparse.Namespace) -> MonitorOptions:
+    """The monitor flags as options: the only thing the command line decides."""
+    from scoreq_live.monitor import IngestOptions, MonitorOptions
+    from scoreq_live.sinks.server import DEFAULT_WS_PORT
 
     feed = None
     if not a.no_ws or a.http:
-        feed = FeedOptions(ws=None if a.no_ws else (a.ws or f"127.0.0.1:{DEFAULT_WS_PORT}"),
-                           ws_required=a.ws is not None, http=a.http,
-                           token=a.token or os.environ.get(TOKEN_ENV), allowed_origins=tuple(a.allowed_origin),
-                           max_clients=a.max_clients, history_s=a.history_s)
+        ws = None if a.no_ws else (a.ws or f"127.0.0.1:{DEFAULT_WS_PORT}")
+        feed = feed_options(a, ws, ws_required=a.ws is not None)
     return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
                           jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout, max_latency_s=a.max_latency,
@@ -243,6 +240,8 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
 
 
 def demo_inputs() -> list[str]:
+    from scoreq_live.audio import examples_dir
+
     files = sorted(examples_dir().glob("*.wav"))
     return [f"{f.stem}={f}" for f in files]
 
@@ -291,6 +290,8 @@ def cmd_monitor(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from scoreq_live.audio import examples_dir
+
     if not a.input:
         a.input = demo_inputs()
         if not a.input:
@@ -303,9 +304,9 @@ def cmd_score(a: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from scoreq_live.monitor import load_scorer
     from scoreq_live.offline import expand_paths, score_path, write_csv, write_json
     from scoreq_live.progress import ConsoleProgress
+    from scoreq_live.scoring.load import load_scorer
 
     err = Console(stderr=True)
     try:
@@ -365,8 +366,7 @@ def cmd_devices(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from scoreq_live.bench import BenchOptions, bench, render, write_json
-    from scoreq_live.monitor import load_scorer
+    from scoreq_live.bench import BenchOptions, bench, load_bench_scorer, render, write_json
 
     opts = BenchOptions(rounds=a.rounds, windows=a.windows, streams=a.streams, host_streams=a.host_streams,
                         capacity_s=a.capacity_s, soak_s=a.soak_s, soak_streams=a.soak_streams)
@@ -377,7 +377,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if min(opts.rounds, opts.windows, opts.streams, opts.host_streams, opts.soak_streams) < 1 or opts.soak_s <= 0:
         return _err("bench: rounds, windows and stream counts must be at least 1, --soak-s positive")
     try:
-        scoring = load_scorer(scoring_options(a))
+        scoring = load_bench_scorer(scoring_options(a))
         report = bench(scoring, opts, say=lambda m: print(m, file=sys.stderr, flush=True))
     except ScoreqLiveError as e:
         return _err(str(e))
@@ -388,16 +388,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_feed(a: argparse.Namespace) -> int:
-    import os
-
-    from scoreq_live.monitor import FeedOptions
     from scoreq_live.relay import RelayOptions, RelayServer
-    from scoreq_live.sinks.server import TOKEN_ENV
 
-    feed = FeedOptions(ws=a.ws, http=a.http, token=a.token or os.environ.get(TOKEN_ENV),
-                       allowed_origins=tuple(a.allowed_origin), max_clients=a.max_clients, history_s=a.history_s)
-    opts = RelayOptions(subscribe=tuple(a.subscribe), feed=feed, mode=a.mode, bands=a.bands, jsonl=a.jsonl,
-                        duration=a.duration)
+    opts = RelayOptions(subscribe=tuple(a.subscribe), feed=feed_options(a, a.ws), mode=a.mode, bands=a.bands,
+                        jsonl=a.jsonl, duration=a.duration)
     notify = (lambda line: None) if a.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         relay = RelayServer(opts, notify=notify)

@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class ScoreqLiveError(Exception):
     """Something the user can fix: the message says what and how."""
+
+
+class ConfigError(ScoreqLiveError):
+    """The options do not make a working monitor (or scorer, or relay); the message says why."""

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,7 +31,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import AlertChange, Event, Mode, MonitorGap, StreamStarted, event_from_dict
-from scoreq_live.monitor import ConfigError, FeedOptions, Notify, _feed_addresses
+from scoreq_live.errors import ConfigError
+from scoreq_live.monitor import FeedOptions, Notify, _feed_addresses
+from scoreq_live.signals import stop_on_signals, wait_stopped
 from scoreq_live.sinks.base import Sink, close_sinks, start_sinks
 from scoreq_live.sinks.redis import Backoff, BrokerAddress, broker_errors, connect, parse_broker_url
 
@@ -238,22 +238,10 @@ class RelayServer:
         sink_tasks = await start_sinks(self.sinks, bus)
         subscribers = [asyncio.create_task(self._subscribe(a, bus), name=f"subscribe {a}") for a in self.addresses]
         stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stopped.set)
-                signals.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread
-        duration = self.options.duration
         try:
-            await asyncio.wait_for(stopped.wait(), None if duration is None or math.isinf(duration) else duration)
-        except asyncio.TimeoutError:
-            pass
+            with stop_on_signals(stopped.set):
+                await wait_stopped(stopped, self.options.duration)
         finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
             for t in subscribers:
                 t.cancel()
             await asyncio.gather(*subscribers, return_exceptions=True)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from scoreq_live.monitor import MonitorOptions, ScoringOptions, load_scorer, run_monitor
+from scoreq_live.monitor import MonitorOptions, run_monitor
+from scoreq_live.scoring.load import ScoringOptions, load_scorer
 from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
 from scoreq_live.sinks.jsonl import JsonlSink
 from scoreq_live.sinks.server import FeedServer, Listen

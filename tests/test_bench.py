@@ -75,3 +75,12 @@ def test_bench_refuses_nonsense(tiny_nr):
     r = subprocess.run([sys.executable, "-m", "scoreq_live", "bench", "--model", str(tiny_nr), "--model-kind", "mos",
                         "--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "at least 1" in r.stderr
+
+
+def test_bench_refuses_a_backend_before_loading_anything():
+    # bench measures the model on this machine (its bare and naive baselines run the ONNX file): a Triton
+    # backend is refused in one line, before any model loads or any server is asked.
+    r = subprocess.run([sys.executable, "-m", "scoreq_live", "bench", "--backend", "triton://127.0.0.1:1/distillmos"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot use --backend" in r.stderr, r.stderr
+    assert r.stderr.count("scoreq-live: error") == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr

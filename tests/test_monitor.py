@@ -6,15 +6,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from scoreq_live.core.alerts import RuleError
-from scoreq_live.errors import ScoreqLiveError
-from scoreq_live.monitor import (
-    ConfigError,
-    FeedOptions,
-    MonitorOptions,
-    ScoringOptions,
-    build_monitor,
-    load_scorer,
-)
+from scoreq_live.errors import ConfigError, ScoreqLiveError
+from scoreq_live.monitor import FeedOptions, MonitorOptions, build_monitor
+from scoreq_live.scoring.load import ScoringOptions, load_scorer
 from scoreq_live.sinks.base import Sink
 from scoreq_live.sinks.jsonl import JsonlSink
 from scoreq_live.sinks.metrics import MetricsSink

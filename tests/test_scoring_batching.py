@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoreq_live.monitor import ScoringOptions, load_scorer
 from scoreq_live.scoring import batching
 from scoreq_live.scoring.batching import BatchPlan, measure, plan_for, powers_up_to
 from scoreq_live.scoring.catalogue import resolve_model
+from scoreq_live.scoring.load import ScoringOptions, load_scorer
 from scoreq_live.scoring.scorer import Scorer, batches
 from scoreq_live.scoring.session import OnnxModel
 

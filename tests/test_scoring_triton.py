@@ -15,8 +15,8 @@ import pytest
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import BackendStatus, ScoreEvent, StreamEnded
 from scoreq_live.engine import Engine, EngineConfig
-from scoreq_live.monitor import ScoringOptions, load_scorer
 from scoreq_live.scoring.catalogue import BUNDLED_DIR, resolve_model
+from scoreq_live.scoring.load import ScoringOptions, load_scorer
 from scoreq_live.scoring.scorer import BackendUnavailable, Scorer
 from scoreq_live.scoring.spec import ModelError
 from scoreq_live.scoring.triton import TritonModel

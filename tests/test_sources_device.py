@@ -79,8 +79,8 @@ def test_live_capture_is_scored_and_stops_cleanly(pulse_server, tmp_path, data):
     assert all(1.0 <= m <= 5.0 for m in scored)
     # Clean speech captured bit-exact scores like clean speech: the same windows of the file
     # scored offline land in the same range (windows are offset by the playback start).
-    from scoreq_live.monitor import ScoringOptions, load_scorer
     from scoreq_live.offline import score_file
+    from scoreq_live.scoring.load import ScoringOptions, load_scorer
 
     loaded = load_scorer(ScoringOptions(window_s=4, hop_s=1, device="cpu"))
     # What one model run of a window takes on this machine, the first one cold as in the monitor.

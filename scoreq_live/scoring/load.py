@@ -1,0 +1,217 @@
+"""From scoring options to a scorer ready to run: the model, its reference and the stream settings.
+
+:func:`load_scorer` resolves the model (catalogue, ONNX file, or a stored
+reference's model), opens it here or on a ``--backend`` server, builds the
+reference in mode ref, and sizes the batches.  Its result is a
+:class:`LoadedScorer`: what the monitor, ``score`` and ``bench`` start from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from scoreq_live.core.events import Mode
+from scoreq_live.core.stream import StreamConfig
+from scoreq_live.errors import ConfigError, ScoreqLiveError
+from scoreq_live.scoring.scorer import Reference, Scorer
+
+if TYPE_CHECKING:
+    from scoreq_live.scoring.download import Progress
+    from scoreq_live.scoring.references import StoredReference
+    from scoreq_live.scoring.session import OnnxModel
+    from scoreq_live.scoring.spec import ModelSpec
+    from scoreq_live.scoring.triton import TritonModel
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 16  # the largest batch the start-up measurement tries
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """The model, its mode and reference, and how audio is windowed, gated and smoothed."""
+
+    model: str | None = None  # catalogue name or ONNX path; None: the bundled default for the mode
+    model_spec: str | None = None  # TOML contract for an ONNX file
+    model_kind: Literal["mos", "embedding"] | None = None
+    mode: Mode | None = None  # None: what the model does
+    references: Sequence[str] = ()  # clean speech files or stored reference names (mode ref)
+    window_s: float | None = None  # None: the model's default window
+    hop_s: float | None = None  # None: the model's hop, at most the window
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+    max_batch: int | None = None  # most windows in one model run; None: measured at start (scoring/batching.py)
+    min_speech: float = 0.2
+    vad: int = 2
+    smoothing: Literal["ema", "median"] = "ema"
+    smoothing_s: float = 5.0
+    # Score on an inference server: triton://HOST:8001/MODEL (gRPC) or triton+http://HOST:8000/MODEL; the
+    # --model still names the contract (and, with backend_fallback "local", the model scored locally meanwhile).
+    backend: str | None = None
+    backend_fallback: Literal["local"] | None = None
+    backend_timeout_s: float | None = None  # a request's deadline; None: see backend_timeout()
+
+
+def backend_timeout(opts: ScoringOptions, hop_s: float, fast: bool = False) -> float:
+    """A request's deadline: ``--backend-timeout``, else twice the hop (at least 1 s; 30 s with ``--fast``).
+
+    A live window's answer is useful until the next window of its stream is
+    due (the latency budget is the hop plus twice the run time), so a request
+    that has taken two hops has missed it: failing it then lets the engine
+    mark the backend down and probe it, instead of letting windows pile up
+    behind a server that does not answer.  Files played ``--fast`` send
+    larger batches and wait for every window, so they get a long deadline.
+    """
+    if opts.backend_timeout_s is not None:
+        return opts.backend_timeout_s
+    return 30.0 if fast else max(1.0, 2.0 * hop_s)
+
+
+@dataclass
+class LoadedScorer:
+    """A model session ready to score, with the stream settings that go with it.
+
+    ``model`` is the session ``scorer`` runs: an :class:`OnnxModel` on this
+    machine, or a :class:`TritonModel` on a ``--backend`` server (then
+    ``fallback``, with ``--backend-fallback local``, scores on this machine
+    while the server is down).
+    """
+
+    scorer: Scorer
+    stream: StreamConfig
+    model: OnnxModel | TritonModel
+    fallback: Scorer | None = None
+
+    @property
+    def mode(self) -> Mode:
+        return self.stream.mode
+
+
+def load_scorer(opts: ScoringOptions, progress: Progress | None = None, fast: bool = False) -> LoadedScorer:
+    """The model session, its reference (mode ref) and the stream settings that go with them.
+
+    ``progress``: called with (bytes done, total) while a published model is downloaded on first use.
+    """
+    # Imported here so that 'scoreq-live devices' does not pay for onnxruntime and the reference machinery.
+    from scoreq_live.scoring.batching import plan_for
+    from scoreq_live.scoring.catalogue import resolve_model
+    from scoreq_live.scoring.references import build_reference, combine
+    from scoreq_live.scoring.session import OnnxModel
+    from scoreq_live.scoring.store import fingerprint
+    from scoreq_live.scoring.triton import TritonModel
+
+    mode = opts.mode
+    files, stored = _split_references(opts.references)
+    model_name = opts.model
+    if stored and not model_name and not opts.model_spec and mode in (None, "ref"):
+        # A stored reference knows its model: `--mode ref --reference office` needs nothing else.
+        made_with = sorted({r.model for r in stored})
+        if len(made_with) > 1:
+            raise ConfigError(f"the stored references were made with different models ({', '.join(made_with)}); "
+                              "give --model")
+        model_name = made_with[0]
+    spec = resolve_model(model_name, opts.model_spec, opts.model_kind, mode, progress=progress)
+    if mode is None:
+        mode = spec.mode
+    if mode != spec.mode:
+        what = "predicts a MOS (mode nr)" if spec.kind == "mos" else "outputs embeddings (mode ref)"
+        raise ConfigError(f"model {spec.name!r} {what}; it cannot run in mode {mode!r}")
+    if mode == "ref" and not opts.references:
+        raise ConfigError("--mode ref needs --reference CLEAN.wav (clean speech to compare against)")
+    if mode == "nr" and opts.references:
+        raise ConfigError("--reference is only used with --mode ref")
+    local: OnnxModel | None = None
+    model: OnnxModel | TritonModel
+    if opts.backend:
+        model, local = _remote_model(spec, opts, fast)
+    else:
+        model = local = OnnxModel(spec, device=opts.device, threads=opts.threads)
+    spec = model.spec
+    window_s, hop_s = spec.windowing(opts.window_s, opts.hop_s)
+    if isinstance(model, TritonModel) and opts.backend_timeout_s is None:
+        model.timeout_s = backend_timeout(opts, hop_s, fast)
+    config = StreamConfig(window_s=window_s, hop_s=hop_s, min_speech=opts.min_speech,
+                          vad_aggressiveness=opts.vad, smoothing=opts.smoothing,
+                          smoothing_s=opts.smoothing_s, model=spec.name, mode=mode)
+    reference = None
+    if mode == "ref":
+        parts: list[Reference] = []
+        for r in stored:
+            assert spec.file is not None  # a loaded model has a file
+            r.check_model(spec.name, fingerprint(spec.file), model.output_dim)
+            parts.append(r.to_reference())
+            if (r.window_s, r.hop_s) != (config.window_s, config.hop_s):
+                log.warning("reference %r was windowed at %gs/%gs, the monitor uses %gs/%gs",
+                            r.name, r.window_s, r.hop_s, config.window_s, config.hop_s)
+        if files:
+            try:
+                # Embedded before the loop starts: locally when the model is here too, else through the backend.
+                parts.append(build_reference(local or model, files, config))
+            except ScoreqLiveError as e:
+                raise ConfigError(f"cannot build the reference: {e}") from e
+        reference = combine(parts, spec.name)
+    if isinstance(model, TritonModel):
+        return _remote_scorer(model, local, reference, config, opts)
+    # Batch sizes measured on this machine (or --max-batch), every shape warmed before the first live window.
+    plan = plan_for(model, spec.padded_length(round(config.window_s * spec.sample_rate)),
+                    opts.max_batch or MAX_BATCH, given=opts.max_batch)
+    log.info("%s", plan.describe())
+    return LoadedScorer(Scorer(model, reference, plan=plan), config, model)
+
+
+def _remote_model(spec: ModelSpec, opts: ScoringOptions, fast: bool) -> tuple[TritonModel, OnnxModel | None]:
+    """The model on the ``--backend`` server, checked against the contract, and the local one for a fallback."""
+    from scoreq_live.scoring.scorer import BackendUnavailable
+    from scoreq_live.scoring.session import OnnxModel
+    from scoreq_live.scoring.triton import TritonModel, parse_backend
+
+    if opts.backend_fallback not in (None, "local"):
+        raise ConfigError(f"--backend-fallback {opts.backend_fallback!r}: the only fallback is 'local'")
+    if opts.backend_timeout_s is not None and not (opts.backend_timeout_s > 0 and math.isfinite(
+            opts.backend_timeout_s)):
+        raise ConfigError(f"--backend-timeout must be a positive number of seconds (got {opts.backend_timeout_s:g})")
+    url = parse_backend(opts.backend or "")
+    local = OnnxModel(spec, device=opts.device, threads=opts.threads) if opts.backend_fallback else None
+    # A provisional deadline for the checks at start; load_scorer sets the one that follows the hop.
+    remote = TritonModel(local.spec if local else spec, url, backend_timeout(opts, spec.hop_s, fast), connect=False)
+    try:
+        remote.connect()
+    except BackendUnavailable as e:
+        if local is None:
+            raise ConfigError(f"{e} (give --backend-fallback local to score locally until it answers)") from None
+        # The fallback scores meanwhile; the engine probes the server and checks the contract when it answers.
+        log.warning("%s: scoring locally until it answers", e)
+    return remote, local
+
+
+def _remote_scorer(model: TritonModel, local: OnnxModel | None, reference: Reference | None, config: StreamConfig,
+                   opts: ScoringOptions) -> LoadedScorer:
+    """Scorers for a backend: no batch sizes to measure here (the server's batcher merges requests)."""
+    from scoreq_live.scoring.batching import BatchPlan
+
+    cap = opts.max_batch or MAX_BATCH
+    fallback = Scorer(local, reference, plan=BatchPlan.up_to(cap)) if local is not None else None
+    return LoadedScorer(Scorer(model, reference, plan=BatchPlan.up_to(cap)), config, model, fallback)
+
+
+def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredReference]]:
+    """``--reference`` values: audio files (an existing path wins) and stored references by name."""
+    from scoreq_live.scoring.references import ReferenceStore
+
+    files: list[str] = []
+    stored: list[StoredReference] = []
+    store = None
+    for r in refs:
+        if Path(r).is_file():
+            files.append(r)
+            continue
+        store = store or ReferenceStore()
+        if not store.exists(r):
+            raise ConfigError(f"--reference {r}: no such file or stored reference (see 'scoreq-live reference list')")
+        stored.append(store.get(r))
+    return files, stored
