@@ -13,58 +13,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from scoreq_live.bus import EventBus
-from scoreq_live.core.events import (
-    BackendState,
-    BackendStatus,
-    EndReason,
-    InputDropped,
-    ScoreEvent,
-    SkipReason,
-    StreamEnded,
-    StreamError,
-    StreamStarted,
-)
+from scoreq_live.core.events import EndReason, InputDropped, ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.schedule import OVERLOADED, LiveScheduler
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
-from scoreq_live.scoring.scorer import BackendUnavailable
+from scoreq_live.scoring.runner import BatchScorer, Outcome, Runner, runner_for
 from scoreq_live.sources.base import Source, SourceError, StreamSet
 
 log = logging.getLogger(__name__)
 
-OVERLOADED: SkipReason = "overloaded"
-ERROR: SkipReason = "error"
-BACKEND_UNAVAILABLE: SkipReason = "backend_unavailable"
-RETRY_FIRST_S = 0.5  # a lost backend is probed after this long, then at doubling intervals ...
-RETRY_MAX_S = 10.0  # ... of at most this
 RECENT_BATCHES = 1024  # run sizes kept for inspection (tests, benchmarks); older ones are only counted
-RUN_EMA_ALPHA = 0.25  # weight of the latest model run in the run time the latency budget follows
-
-
-class BatchScorer(Protocol):
-    """What the engine needs of a scorer: one number per window, for a batch of windows (blocking)."""
-
-    def score(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
-
-
-class AsyncBatchScorer(BatchScorer, Protocol):
-    """A scorer whose model is on an inference server: batches are awaited, several in flight at once."""
-
-    @property
-    def asynchronous(self) -> bool: ...
-
-    @property
-    def backend(self) -> str: ...
-
-    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
-
-    async def probe(self) -> None: ...
-
 
 BatchObserver = Callable[[int, float], None]
 """Called after every model run with (windows in the run, seconds it took)."""
@@ -100,45 +61,38 @@ _Item = tuple[StreamCore, Window] | _Stop
 class Engine:
     """Runs sources concurrently and scores their windows in shared batches.
 
-    Live inputs are scored within a latency budget (:attr:`latency_budget`):
-    each stream has at most one window waiting for the scorer, a newer window
-    replaces it (the older one is skipped as ``overloaded`` at once), batches
-    take the streams served least recently first, and a window that could no
-    longer be scored within the budget is skipped.  When the scorer cannot keep
-    up, every stream is thinned alike (scored at a longer effective hop) and
-    latency stays bounded.  With ``fast`` (files played as fast as scoring
-    allows) every window is scored and the inputs wait for the scorer.
+    The engine is the I/O between the parts: it pumps each source's chunks
+    into its stream core (:mod:`scoreq_live.core.stream`), hands the windows
+    to the scheduling rule of the run's kind, starts batches on a
+    :class:`~scoreq_live.scoring.runner.Runner` while it has room, and
+    publishes what the cores give back on the event bus.
+
+    Live inputs follow :class:`~scoreq_live.core.schedule.LiveScheduler`: at
+    most one window waiting per stream, fair batches, a latency budget
+    (:attr:`latency_budget`); when the scorer cannot keep up every stream is
+    thinned alike.  With ``fast`` (files played as fast as scoring allows)
+    every window is scored in arrival order and the inputs wait for the scorer.
 
     ``sources`` are the inputs known at start: single streams (:class:`Source`)
     and inputs that open streams while the monitor runs (:class:`StreamSet`).
-    :meth:`attach` adds a stream at any time.
-
-    A scorer on an inference server (``asynchronous``, see
-    :class:`AsyncBatchScorer`) gets no executor thread: each batch is sent as a
-    task and the loops keep taking windows while fewer than ``max_inflight``
-    batches are unanswered.  When the server is lost (:class:`BackendUnavailable`)
-    windows are skipped as ``backend_unavailable`` (or scored by ``fallback``),
-    the server is probed with backoff, and :class:`BackendStatus` events say so;
-    no stream ends for it.  :attr:`cores` holds the live
-    streams only: an ended stream is forgotten at once (the outputs keep what
-    they show of it), so streams that come and go do not grow memory.
+    :meth:`attach` adds a stream at any time.  ``scorer`` is run by the runner
+    made for it (:func:`~scoreq_live.scoring.runner.runner_for`: a model on an
+    inference server keeps several requests in flight and has its health
+    followed, with ``fallback`` scoring while it is lost); or pass ``runner``.
+    :attr:`cores` holds the live streams only: an ended stream is forgotten at
+    once (the outputs keep what they show of it), so streams that come and go
+    do not grow memory.
     """
 
-    def __init__(self, scorer: BatchScorer, sources: Sequence[Source | StreamSet], config: EngineConfig,
+    def __init__(self, scorer: BatchScorer | None, sources: Sequence[Source | StreamSet], config: EngineConfig,
                  bus: EventBus, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, fallback: BatchScorer | None = None) -> None:
-        self.scorer = scorer
-        # A remote scorer (``score_async``): batches go out as tasks, and windows are skipped as
-        # backend_unavailable (or scored by ``fallback``, a local model) while the server is lost.
-        self.remote: AsyncBatchScorer | None = scorer if getattr(scorer, "asynchronous", False) else None  # type: ignore[assignment]
-        self.fallback = fallback if self.remote is not None else None
-        self.backend_state: BackendState | None = None  # None: no remote backend
-        self.backend_since = 0.0
-        self.backend_error = ""
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._room = asyncio.Event()  # set when a request in flight is answered
-        self._probe: asyncio.Task[None] | None = None
-        self._takes = 0  # batches taken (live): the order in which streams were last served
+                 wall: Callable[[], float] = time.time, fallback: BatchScorer | None = None,
+                 runner: Runner | None = None) -> None:
+        if runner is None:
+            if scorer is None:
+                raise ValueError("an engine needs a scorer or a runner")
+            runner = runner_for(scorer, config.max_inflight, fallback)
+        self.runner = runner
         self.sources = list(sources)
         self.config = config
         self.bus = bus
@@ -153,18 +107,32 @@ class Engine:
         self._idle = asyncio.Event()  # set when no task is left
         self.streams_seen = 0  # streams attached since start
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)  # --fast
-        self._slots: dict[StreamCore, Window] = {}  # live: the one window each stream has waiting
-        self._served: dict[StreamCore, int] = {}  # live: the run that last took a window of each stream
+        self.schedule: LiveScheduler[StreamCore] = LiveScheduler(
+            config.stream.hop_s, config.max_batch, config.batch_wait_s, config.max_latency_s)  # live
         self._wake = asyncio.Event()  # live: a window is waiting, or the run ends
         self._closing = False
-        self.run_ema_s: float | None = None  # recent seconds per model run (exponential moving average)
+        self._inflight: set[asyncio.Task[None]] = set()  # runs started and not answered
+        self._room = asyncio.Event()  # set when a run in flight is answered
         self._resolved = asyncio.Condition()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._stop = asyncio.Event()
         self.batches: deque[int] = deque(maxlen=RECENT_BATCHES)  # sizes of the latest model runs
         self.runs = 0  # model runs made
         self.windows_run = 0  # windows those runs scored (or failed on)
         self.batch_observers: list[BatchObserver] = []  # the metrics' hook
+
+    @property
+    def run_ema_s(self) -> float | None:
+        """Recent seconds per model run (exponential moving average), None before the first."""
+        return self.schedule.run_s
+
+    @property
+    def latency_budget(self) -> float:
+        """Seconds a live window may take from its last sample to its event (score or skip).
+
+        ``max_latency_s`` when set; else the hop plus twice the recent model run
+        time: a window may wait for the run in flight and then take its own.
+        """
+        return self.schedule.budget
 
     def _publish_drained(self, core: StreamCore) -> None:
         source = self._inputs.get(core.name)
@@ -225,25 +193,13 @@ class Engine:
         finally:
             group.close()
 
-    @property
-    def latency_budget(self) -> float:
-        """Seconds a live window may take from its last sample to its event (score or skip).
-
-        ``max_latency_s`` when set; else the hop plus twice the recent model run
-        time: a window may wait for the run in flight and then take its own.
-        """
-        if self.config.max_latency_s is not None:
-            return self.config.max_latency_s
-        return self.config.stream.hop_s + 2.0 * (self.run_ema_s or 0.0)
-
     async def _submit(self, core: StreamCore, window: Window) -> None:
         if self.config.fast:
             await self._queue.put((core, window))
             return
-        waiting = self._slots.get(core)
-        if waiting is not None and not waiting.resolved:
-            core.resolve(waiting, None, OVERLOADED)  # a newer window replaces it: its skip goes out now
-        self._slots[core] = window
+        replaced = self.schedule.offer(core, window)
+        if replaced is not None:
+            core.resolve(replaced, None, OVERLOADED)  # a newer window replaces it: its skip goes out now
         self._wake.set()
 
     async def _pump(self, source: Source) -> None:
@@ -289,8 +245,7 @@ class Engine:
                     self._started(source)
                 self.bus.publish(StreamEnded(stream=source.name, ts=self.wall(), reason=end_reason,
                                              t=core.t, windows=core.windows, scored=core.scored))
-            self._slots.pop(core, None)
-            self._served.pop(core, None)
+            self.schedule.forget(core)
             if self.cores.get(source.name) is core:  # forget it: the outputs keep what they show of it
                 del self.cores[source.name]
                 del self._inputs[source.name]
@@ -302,20 +257,16 @@ class Engine:
             rate=source.rate, channels=source.channels, model=cfg.model, mode=cfg.mode,
             window_s=cfg.window_s, hop_s=cfg.hop_s))
 
+    # -- taking batches -----------------------------------------------------------------------------
+
     async def _collect(self, first: tuple[StreamCore, Window]) -> list[tuple[StreamCore, Window]]:
+        """--fast: the first window and those queued behind it, up to a batch."""
         batch = [first]
-        deadline = self.clock() + (0 if self.config.fast else self.config.batch_wait_s)
         while len(batch) < self.config.max_batch:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                left = deadline - self.clock()
-                if left <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), left)
-                except asyncio.TimeoutError:
-                    break
+                break
             if isinstance(item, _Stop):
                 self._queue.put_nowait(item)  # seen again after this batch
                 break
@@ -331,30 +282,24 @@ class Engine:
             if isinstance(first, _Stop):
                 await self._answered()
                 return
-            if self.remote is not None:
-                await self._wait_room()  # windows queue up meanwhile and join this batch
-                self._dispatch(await self._collect(first))
-            else:
-                await self._score_batch(await self._collect(first))
+            await self._wait_room()  # windows queue up meanwhile and join this batch
+            await self._dispatch(await self._collect(first))
             del first  # hold nothing of a batch while waiting for the next: ended streams are freed now
-            async with self._resolved:
-                self._resolved.notify_all()
 
     async def _score_live(self) -> None:
         """Live inputs: score the streams' waiting windows, fairly, within the latency budget."""
         cfg = self.config
         while True:
-            while not self._slots:
+            while not self.schedule.waiting:
                 if self._closing:
                     await self._answered()
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            if self.remote is not None:
-                await self._wait_room()  # newer windows replace waiting ones meanwhile, as for a local run
+            await self._wait_room()  # newer windows replace waiting ones meanwhile
             # Windows of other streams due at the same moment join this run (sources are not in step).
             deadline = self.clock() + cfg.batch_wait_s
-            while len(self._slots) < cfg.max_batch and not self._closing:
+            while not self.schedule.full and not self._closing:
                 left = deadline - self.clock()
                 if left <= 0:
                     break
@@ -363,165 +308,81 @@ class Engine:
                     await asyncio.wait_for(self._wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch = self._take()
-            if batch and self.remote is not None:
-                self._dispatch(batch)
-            elif batch:
-                await self._score_batch(batch)
-            del batch  # hold nothing of a batch while waiting for the next: ended streams are freed now
-            async with self._resolved:
-                self._resolved.notify_all()
+            take = self.schedule.take(self.clock())
+            for core, w, reason in take.skipped:
+                core.resolve(w, None, reason)
+            for core in {core: None for core, _, _ in take.skipped}:
+                self._publish_drained(core)
+            if take.batch:
+                await self._dispatch(take.batch)
+            del take  # hold nothing of a batch while waiting for the next: ended streams are freed now
+            await self._wake_enders()  # windows resolved here (skipped, replaced) may be a stream's last
 
-    def _take(self) -> list[tuple[StreamCore, Window]]:
-        """The next run's windows: streams served least recently first; those past the budget are skipped."""
-        now = self.clock()
-        budget = self.latency_budget
-        run_s = self.run_ema_s or 0.0  # the run this batch will take
-        # A budget shorter than a run (and the batch wait) cannot be kept by any window: then only newer
-        # windows replacing waiting ones thin the streams, and each stream's newest window is scored in turn.
-        keepable = run_s + self.config.batch_wait_s < budget
-        order = sorted(self._slots.items(), key=lambda cw: (self._served.get(cw[0], -1), cw[1].arrival))
-        batch: list[tuple[StreamCore, Window]] = []
-        skipped: list[StreamCore] = []
-        for core, w in order:
-            if w.resolved:  # given up when its stream was stopped
-                del self._slots[core]
-            elif keepable and now - w.arrival + run_s > budget:
-                del self._slots[core]
-                core.resolve(w, None, OVERLOADED)
-                skipped.append(core)
-            elif len(batch) < self.config.max_batch:
-                del self._slots[core]
-                batch.append((core, w))
-                self._served[core] = self._takes
-        for core in skipped:
-            self._publish_drained(core)
-        if batch:
-            self._takes += 1
-        return batch
+    # -- runs in flight -----------------------------------------------------------------------------
 
-    async def _score_batch(self, batch: list[tuple[StreamCore, Window]],
-                           scorer: BatchScorer | None = None) -> None:
-        audio = [w.audio for _, w in batch]
-        t0 = time.perf_counter()
-        values: Sequence[float | None]
-        reason: SkipReason | None = None
+    async def _wait_room(self) -> None:
+        while len(self._inflight) >= self.runner.max_inflight:
+            self._room.clear()
+            await self._room.wait()
+
+    async def _dispatch(self, batch: list[tuple[StreamCore, Window]]) -> None:
+        """Start a run; the loop goes on taking windows while the runner has room for more.
+
+        A runner with room for one run at a time (a local model) is awaited in
+        place: nothing could be taken meanwhile anyway.
+        """
+        if self.runner.max_inflight == 1:
+            await self._run(batch)
+            return
+        task = asyncio.get_running_loop().create_task(self._run(batch), name="run")
+        self._inflight.add(task)
+        task.add_done_callback(self._run_done)
+
+    def _run_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._room.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a scoring run failed: %s", task.exception())
+
+    async def _answered(self) -> None:
+        """Wait for every run in flight (the run is ending)."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _run(self, batch: list[tuple[StreamCore, Window]]) -> None:
         try:
-            values = list(await asyncio.get_running_loop().run_in_executor(
-                self._executor, (scorer or self.scorer).score, audio))
-        except Exception as e:
-            log.error("scoring a batch of %d windows failed: %s", len(batch), e)
-            values, reason = [None] * len(batch), ERROR
-        self._ran(batch, values, reason, time.perf_counter() - t0)
+            outcome = await self.runner.run([w.audio for _, w in batch])
+            if outcome.took is not None:
+                self._ran(len(batch), outcome.took)
+            self._resolve(batch, outcome)
+        finally:
+            del batch
+            await self._wake_enders()
 
-    def _ran(self, batch: list[tuple[StreamCore, Window]], values: Sequence[float | None],
-             reason: SkipReason | None, took: float) -> None:
-        """Count a model run (local or a request's round trip) and publish its windows' events."""
-        self.batches.append(len(batch))
+    async def _wake_enders(self) -> None:
+        """Ending streams wait for their last windows to be resolved: let them look again."""
+        async with self._resolved:
+            self._resolved.notify_all()
+
+    def _ran(self, n: int, took: float) -> None:
+        """Count a model run (local, or a request's round trip)."""
+        self.batches.append(n)
         self.runs += 1
-        self.windows_run += len(batch)
-        ema = self.run_ema_s
-        self.run_ema_s = took if ema is None else ema + RUN_EMA_ALPHA * (took - ema)
+        self.windows_run += n
+        self.schedule.ran(took)
         for observe in self.batch_observers:
-            observe(len(batch), took)
-        self._resolve(batch, values, reason)
+            observe(n, took)
 
-    def _resolve(self, batch: list[tuple[StreamCore, Window]], values: Sequence[float | None],
-                 reason: SkipReason | None) -> None:
+    def _resolve(self, batch: list[tuple[StreamCore, Window]], outcome: Outcome) -> None:
         touched: dict[str, StreamCore] = {}
-        for (core, w), v in zip(batch, values):
+        for (core, w), v in zip(batch, outcome.values):
             if not w.resolved:  # a stopped stream has given up on its windows already
-                core.resolve(w, None if v is None else float(v), reason)
+                core.resolve(w, v, outcome.reason)
             touched[core.name] = core
         for core in touched.values():
             self._publish_drained(core)
 
-    # -- a scorer on an inference server ------------------------------------------------------------
-
-    async def _wait_room(self) -> None:
-        while len(self._inflight) >= max(1, self.config.max_inflight):
-            self._room.clear()
-            await self._room.wait()
-
-    def _dispatch(self, batch: list[tuple[StreamCore, Window]]) -> None:
-        """Send a batch without waiting for its answer (the loop goes on taking windows)."""
-        task = asyncio.get_running_loop().create_task(self._score_remote(batch), name="request")
-        self._inflight.add(task)
-        task.add_done_callback(self._request_done)
-
-    def _request_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._room.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a scoring request failed: %s", task.exception())
-
-    async def _answered(self) -> None:
-        """Wait for every request in flight (the run is ending)."""
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
-
-    async def _score_remote(self, batch: list[tuple[StreamCore, Window]]) -> None:
-        assert self.remote is not None
-        try:
-            if self.backend_state == "up":
-                t0 = time.perf_counter()
-                try:
-                    values = list(await self.remote.score_async([w.audio for _, w in batch]))
-                except BackendUnavailable as e:
-                    self._backend_lost(str(e))
-                except Exception as e:
-                    log.error("scoring a batch of %d windows failed: %s", len(batch), e)
-                    self._ran(batch, [None] * len(batch), ERROR, time.perf_counter() - t0)
-                    return
-                else:
-                    self._ran(batch, values, None, time.perf_counter() - t0)
-                    return
-            if self.fallback is not None:
-                await self._score_batch(batch, self.fallback)
-            else:
-                # Skipped at once, not counted as a model run: no request was made for them.
-                self._resolve(batch, [None] * len(batch), BACKEND_UNAVAILABLE)
-        finally:
-            del batch
-            async with self._resolved:
-                self._resolved.notify_all()
-
-    def _set_backend(self, state: BackendState, error: str = "") -> None:
-        if state == self.backend_state:
-            return
-        self.backend_state, self.backend_error, self.backend_since = state, error, self.wall()
-        assert self.remote is not None
-        self.bus.publish(BackendStatus(stream="", ts=self.backend_since, state=state, backend=self.remote.backend,
-                                       error=error, since=self.backend_since))
-
-    def _backend_lost(self, error: str) -> None:
-        """The backend stopped answering: say so once, and probe it with backoff until it answers."""
-        if self.backend_state != "up":
-            return
-        log.warning("scoring backend lost: %s", error)
-        self._set_backend("fallback" if self.fallback is not None else "down", error)
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._reconnect(), name="backend-probe")
-
-    async def _reconnect(self) -> None:
-        assert self.remote is not None
-        wait = RETRY_FIRST_S
-        while True:
-            await asyncio.sleep(wait)
-            try:
-                await self.remote.probe()
-            except BackendUnavailable as e:
-                wait = min(wait * 2, RETRY_MAX_S)
-                if str(e) != self.backend_error:
-                    log.info("scoring backend still unavailable: %s", e)
-                continue
-            except Exception as e:  # a bug in the probe must not end retries silently
-                log.warning("probing the scoring backend failed: %s", e)
-                wait = min(wait * 2, RETRY_MAX_S)
-                continue
-            log.warning("scoring backend back: %s", self.remote.backend)
-            self._set_backend("up")
-            return
+    # -- the run ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """End all streams now (their ``stream_ended`` says ``stopped``); safe from a signal handler."""
@@ -533,13 +394,8 @@ class Engine:
         An input that opens streams (an RTP port) never ends by itself, so a
         monitor with one runs until stopped or for ``duration``.
         """
+        await self.runner.start(self.bus.publish, self.wall)
         scorer_task = asyncio.create_task(self._score_loop(), name="scorer")
-        if self.remote is not None:
-            if getattr(getattr(self.remote, "model", None), "connected", True):
-                self._set_backend("up")
-            else:  # started while the server was unreachable (with a local model to fall back on)
-                self.backend_state = "up"
-                self._backend_lost(f"{self.remote.backend} was unreachable at start")
         self._idle.set()
         self._inputs_end = any(not (isinstance(s, StreamSet) and s.endpoint) for s in self.sources)
         for s in self.sources:
@@ -573,11 +429,5 @@ class Engine:
             try:
                 await scorer_task
             finally:
-                if self._probe is not None:
-                    self._probe.cancel()
-                    await asyncio.gather(self._probe, return_exceptions=True)
-                close = getattr(getattr(self.remote, "model", None), "aclose", None)
-                if close is not None:
-                    await close()
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                await self.runner.aclose()
                 self.bus.close()

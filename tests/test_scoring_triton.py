@@ -17,7 +17,7 @@ from scoreq_live.core.events import BackendStatus, ScoreEvent, StreamEnded
 from scoreq_live.engine import Engine, EngineConfig
 from scoreq_live.scoring.catalogue import BUNDLED_DIR, resolve_model
 from scoreq_live.scoring.load import ScoringOptions, load_scorer
-from scoreq_live.scoring.scorer import BackendUnavailable, Scorer
+from scoreq_live.scoring.scorer import BackendUnavailable, RemoteScorer, Scorer
 from scoreq_live.scoring.spec import ModelError
 from scoreq_live.scoring.triton import TritonModel
 from scoreq_live.sources import open_inputs
@@ -54,7 +54,7 @@ def windows(n: int = 6) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("scheme", ["triton", "triton+http"])
 async def test_scores_through_triton_equal_local_scores(server, bundled_nr, scheme):
-    remote = Scorer(TritonModel(resolve_model("distillmos"), server.url("distillmos", scheme), timeout_s=60))
+    remote = RemoteScorer(TritonModel(resolve_model("distillmos"), server.url("distillmos", scheme), timeout_s=60))
     local = Scorer(bundled_nr)
     w = windows()
     want = local.score(w)
@@ -64,7 +64,7 @@ async def test_scores_through_triton_equal_local_scores(server, bundled_nr, sche
     # Requests in flight together on one channel, answered in order.
     many = await asyncio.gather(*(remote.score_async(w[i:i + 2]) for i in range(0, len(w), 2)))
     assert np.abs(np.concatenate(many) - want).max() < 1e-5
-    await remote.model.aclose()  # type: ignore[attr-defined]
+    await remote.aclose()
 
 
 def test_contract_is_checked_against_the_server_metadata(server):

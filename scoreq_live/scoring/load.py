@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from scoreq_live.core.events import Mode
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.errors import ConfigError, ScoreqLiveError
-from scoreq_live.scoring.scorer import Reference, Scorer
+from scoreq_live.scoring.scorer import Reference, RemoteScorer, Scorer
 
 if TYPE_CHECKING:
     from scoreq_live.scoring.download import Progress
@@ -196,7 +196,7 @@ def _remote_scorer(model: TritonModel, local: OnnxModel | None, reference: Refer
 
     cap = opts.max_batch or MAX_BATCH
     fallback = Scorer(local, reference, plan=BatchPlan.up_to(cap)) if local is not None else None
-    return LoadedScorer(Scorer(model, reference, plan=BatchPlan.up_to(cap)), config, model, fallback)
+    return LoadedScorer(RemoteScorer(model, reference, plan=BatchPlan.up_to(cap)), config, model, fallback)
 
 
 def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredReference]]:

@@ -1,12 +1,14 @@
 """The scorer: a list of windows in, one number per window out.
 
-This is the one interface the engine uses, whatever runs the model (a local
-ONNX Runtime session today, a remote inference server tomorrow): anything
-with ``spec``, ``mode``, ``name`` and a blocking ``score(windows)`` fits.
+The engine needs only a blocking ``score(windows)`` of a local scorer
+(:class:`Scorer` over an ONNX Runtime session, or anything with that method);
+a model on an inference server is a :class:`RemoteScorer`, whose batches are
+awaited (``score_async``).  :mod:`scoreq_live.scoring.runner` runs either.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -140,54 +142,79 @@ class Scorer:
         """One score per window: MOS, or distance to the reference."""
         if len(windows) == 0:
             return np.zeros(0, dtype=np.float64)
-        y = self.embed(windows)
+        return self._finish(self.embed(windows))
+
+    def _finish(self, y: np.ndarray) -> np.ndarray:
+        """Raw outputs ``[N, D]`` -> one score per window."""
         if self.reference is None:
             return y[:, 0].astype(np.float64)
         return self.reference.distance(y).astype(np.float64)
-
-    # -- a model on an inference server: requests in flight concurrently ----------------------------
-
-    @property
-    def asynchronous(self) -> bool:
-        """Whether the model is remote (has ``run_async``): the engine then keeps requests in flight."""
-        return callable(getattr(self.model, "run_async", None))
-
-    @property
-    def backend(self) -> str:
-        """Where the model runs, for status events: a remote model's URL, else ''."""
-        return str(getattr(self.model, "url", ""))
-
-    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray:
-        """:meth:`score` for a remote model: the runs of one call are sent together, not one after another.
-
-        Raises :class:`BackendUnavailable` when the server cannot be reached in time.
-        """
-        import asyncio
-
-        if len(windows) == 0:
-            return np.zeros(0, dtype=np.float64)
-        model: AsyncModel = self.model  # type: ignore[assignment]  # checked by `asynchronous`
-        parts = list(batches(windows, self.spec, self.plan))
-        outs = await asyncio.gather(*(model.run_async(b) for _, b in parts))
-        y = np.empty((len(windows), outs[0].shape[1]), dtype=np.float32)
-        for (idx, _), o in zip(parts, outs):
-            y[idx] = o
-        if self.reference is None:
-            return y[:, 0].astype(np.float64)
-        return self.reference.distance(y).astype(np.float64)
-
-    async def probe(self) -> None:
-        """Check that a remote model can serve again (raises :class:`BackendUnavailable` when not)."""
-        model: AsyncModel = self.model  # type: ignore[assignment]
-        await model.probe_async()
 
 
 class AsyncModel(Model, Protocol):
     """A model on an inference server: batches are sent without blocking, many in flight at once."""
 
+    @property
+    def url(self) -> object:
+        """Where the model is served (its ``str`` names it in status events)."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the server answered when the model was set up (or since)."""
+        ...
+
     async def run_async(self, batch: np.ndarray) -> np.ndarray: ...
 
     async def probe_async(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RemoteScorer(Scorer):
+    """A :class:`Scorer` whose model is on an inference server: batches are awaited, many in flight at once.
+
+    The engine runs it through a :class:`~scoreq_live.scoring.runner.RemoteRunner`
+    (no executor thread, requests in flight up to a limit, the server's health
+    followed); its blocking :meth:`score` still serves references and ``score``.
+    """
+
+    def __init__(self, model: AsyncModel, reference: Reference | None = None, max_batch: int = 16,
+                 plan: BatchPlan | None = None) -> None:
+        super().__init__(model, reference, max_batch, plan)
+        self.remote: AsyncModel = model
+
+    @property
+    def backend(self) -> str:
+        """Where the model runs (the server's URL), for status events."""
+        return str(self.remote.url)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the server answered at start (else the engine starts with it lost)."""
+        return self.remote.connected
+
+    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """:meth:`score` over the network: the runs of one call are sent together, not one after another.
+
+        Raises :class:`BackendUnavailable` when the server cannot be reached in time.
+        """
+        if len(windows) == 0:
+            return np.zeros(0, dtype=np.float64)
+        parts = list(batches(windows, self.spec, self.plan))
+        outs = await asyncio.gather(*(self.remote.run_async(b) for _, b in parts))
+        y = np.empty((len(windows), outs[0].shape[1]), dtype=np.float32)
+        for (idx, _), o in zip(parts, outs):
+            y[idx] = o
+        return self._finish(y)
+
+    async def probe(self) -> None:
+        """Check that the server can serve again (raises :class:`BackendUnavailable` when not)."""
+        await self.remote.probe_async()
+
+    async def aclose(self) -> None:
+        """Close the connection to the server."""
+        await self.remote.aclose()
 
 
 class BackendUnavailable(ScoreqLiveError):
