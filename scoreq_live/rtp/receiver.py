@@ -20,13 +20,12 @@ jitter.  Real pauses and outages take as long to arrive as they last, so they ar
 bogus timestamp jump or a sender skipping sequence numbers gets at most the slack once, and then no
 more than arrival time allows, so no sender can make a stream produce audio much faster than real
 time.  Decoded audio running ahead of arrival (clock drift, bursts) is not held against the budget.
-Decoded audio is resampled to 16 kHz by a streaming windowed-sinc resampler whose delay is a
-few milliseconds (a block resampler would hold back tens of milliseconds).
+Decoded audio, concealment and fill included, is resampled to 16 kHz by the resampler every input uses
+(:mod:`scoreq_live.core.resample`), one per stream, so a stream scores as the same samples would from a file.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from scoreq_live.core.resample import Resampler
 from scoreq_live.rtp import jitter as jb
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, Decoder, codec_by_name, make_decoder
 from scoreq_live.rtp.netstats import SAMPLE_RATE, NetHistory, NetWindow
@@ -44,7 +44,6 @@ PROBATION_PACKETS = 16  # packets of an unconfirmed SSRC kept for when it is con
 MAX_CANDIDATES = 128  # unconfirmed SSRCs tracked at once (a random one forgotten for a new one)
 PROBATION_S = 2.0  # an unconfirmed SSRC silent this long is forgotten
 BYE_GRACE_S = 2.0  # packets of an SSRC within this long after its BYE are stragglers, not a new stream
-_EMPTY = np.zeros(0, np.float32)
 
 
 def default_codecs(codecs: Mapping[int, Codec] | None = None) -> dict[int, Codec]:
@@ -60,135 +59,6 @@ def unknown_pt_message(ssrc: int, pt: int, addr: tuple[str, int]) -> str:
     return (f"RTP stream {ssrc:08x} from {addr[0]}:{addr[1]} uses payload type {pt}, which is not declared: "
             f"name its codec with ?codec=NAME&pt={pt} on the rtp:// input (e.g. ?codec=opus&pt={pt} or "
             f"?codec=L16&rate=16000&pt={pt}) or give an SDP file whose a=rtpmap lines describe it")
-
-
-# ---------------------------------------------------------------------------------------------- resampling
-
-
-class Resampler:
-    """Streaming rational resampler (polyphase windowed sinc, Kaiser window) to ``out_rate``.
-
-    Output sample ``k`` is the band-limited value at input time ``k * in_rate / out_rate``, so output
-    and input stay aligned (no delay to compensate); :meth:`process` holds back only the filter's
-    half-length (32 input samples = 4 ms for 8 kHz -> 16 kHz, 96 = 2 ms for 48 kHz) until :meth:`flush`.
-    The output does not depend on how the input is chunked.
-    """
-
-    ZERO_CROSSINGS = 32  # sinc lobes on each side, at the lower of the two rates
-    ROLLOFF = 0.9  # -6 dB point as a fraction of the lower Nyquist frequency (stop band from Nyquist on)
-    BETA = 8.6  # Kaiser window: about -85 dB side lobes
-
-    def __init__(self, in_rate: int, out_rate: int = SAMPLE_RATE) -> None:
-        g = math.gcd(in_rate, out_rate)
-        self.up, self.down = out_rate // g, in_rate // g
-        if self.up > 2048:
-            raise ValueError(f"cannot resample {in_rate} Hz to {out_rate} Hz with a small polyphase table")
-        scale = min(1.0, self.up / self.down)
-        half = int(math.ceil(self.ZERO_CROSSINGS / scale))
-        cutoff = 0.5 * scale * self.ROLLOFF  # cycles per input sample
-        phase = np.arange(self.up)[:, None] / self.up
-        d = phase + (half - 1) - np.arange(2 * half)[None, :]  # input samples from tap to output instant
-        x = np.clip(d / half, -1.0, 1.0)
-        h = 2 * cutoff * np.sinc(2 * cutoff * d) * np.i0(self.BETA * np.sqrt(1.0 - x * x)) / np.i0(self.BETA)
-        h /= h.sum(axis=1, keepdims=True)  # unity gain at DC in every phase
-        self._h = h.astype(np.float32)
-        self._half = half
-        self._buf = np.zeros(half - 1, np.float32)  # input from absolute index self._start on
-        self._start = -(half - 1)
-        self._n_in = 0
-        self._k = 0  # next output index
-
-    def _run(self, k_end: int) -> np.ndarray:
-        k0 = self._k
-        nk = k_end - k0
-        if nk <= 0:
-            return _EMPTY
-        up, down, half = self.up, self.down, self._half
-        taps = 2 * half
-        buf = self._buf
-        if up <= 8:
-            # Outputs k, k + up, k + 2 up, ... share a filter phase and step ``down`` inputs apart: one
-            # strided matrix-vector product per phase.
-            y = np.empty(nk, np.float32)
-            step = buf.strides[0]
-            for r in range(min(up, nk)):
-                k = k0 + r
-                start = (k * down) // up - (half - 1) - self._start
-                count = (nk - r + up - 1) // up
-                w = np.lib.stride_tricks.as_strided(buf[start:], shape=(count, taps), strides=(down * step, step),
-                                                    writeable=False)
-                y[r::up] = w @ self._h[(k * down) % up]
-        else:
-            ks = np.arange(k0, k_end, dtype=np.int64) * down
-            n0 = ks // up
-            first = int(n0[0]) - (half - 1) - self._start
-            last = int(n0[-1]) - (half - 1) - self._start
-            windows = np.lib.stride_tricks.sliding_window_view(buf[first:last + taps], taps)[n0 - n0[0]]
-            y = np.einsum("ij,ij->i", windows, self._h[ks % up]).astype(np.float32, copy=False)
-        self._k = k_end
-        keep = (k_end * down) // up - (half - 1)
-        if keep > self._start:
-            self._buf = buf[keep - self._start:]
-            self._start = keep
-        return y
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        """Resampled output for ``x`` (float32 mono) as far as it can be computed yet."""
-        if x.size:
-            x = x.astype(np.float32, copy=False)
-            # Decoders' near-silence (libopus: ~1e-34) would make the products denormal, which is slow.
-            x = np.where(np.abs(x) < 1e-20, np.float32(0.0), x)
-            self._buf = np.concatenate((self._buf, x))
-            self._n_in += x.size
-        avail = self._n_in - self._half  # the last input index an output may need is n0 + half
-        if avail <= 0:
-            return _EMPTY
-        return self._run(-(-(avail * self.up) // self.down))
-
-    def flush(self) -> np.ndarray:
-        """The rest of the output (the input is taken to continue with silence); then start afresh."""
-        total = -(-(self._n_in * self.up) // self.down)
-        self._buf = np.concatenate((self._buf, np.zeros(self._half + 1, np.float32)))
-        out = self._run(total)
-        self._buf = np.zeros(self._half - 1, np.float32)
-        self._start = -(self._half - 1)
-        self._n_in = 0
-        self._k = 0
-        return out
-
-
-class _Passthrough:
-    """The 16 kHz case of :class:`Resampler`."""
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float32, copy=False)
-
-    def flush(self) -> np.ndarray:
-        return _EMPTY
-
-
-class _SoxrStream:
-    """Fallback for rates without a small polyphase table (soxr HQ; holds back more audio)."""
-
-    def __init__(self, in_rate: int) -> None:
-        import soxr
-
-        self._rs = soxr.ResampleStream(in_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._rs.resample_chunk(x.astype(np.float32, copy=False)), np.float32)
-
-    def flush(self) -> np.ndarray:
-        return np.asarray(self._rs.resample_chunk(_EMPTY, last=True), np.float32)
-
-
-def make_resampler(in_rate: int) -> Resampler | _Passthrough | _SoxrStream:
-    if in_rate == SAMPLE_RATE:
-        return _Passthrough()
-    try:
-        return Resampler(in_rate)
-    except ValueError:
-        return _SoxrStream(in_rate)
 
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -219,7 +89,7 @@ class RtpStream:
         self._decoders: dict[int, Decoder] = {}
         self._codec: Codec | None = None
         self._decoder: Decoder | None = None
-        self._rs: Resampler | _Passthrough | _SoxrStream | None = None
+        self._rs: Resampler | None = None
         self._rate = SAMPLE_RATE  # audio rate of the current resampler segment
         self._seg_pos = 0.0  # output position (16 kHz samples) where that segment began
         self._seg_in = 0  # samples fed to it since
@@ -413,7 +283,7 @@ class RtpStream:
             if self._rs is not None:
                 self._append(self._rs.flush())
             self._seg_pos, self._seg_in, self._rate = pos, 0, codec.audio_rate
-            self._rs = make_resampler(codec.audio_rate)
+            self._rs = Resampler(codec.audio_rate)
         if old is not None:
             self.pt_switches += 1
             if old.clock_rate != codec.clock_rate:

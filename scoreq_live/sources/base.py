@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import ClassVar
 
 import numpy as np
-import soxr
 
 from scoreq_live.audio import to_mono_float
 from scoreq_live.core import SAMPLE_RATE
 from scoreq_live.core.events import EndReason, NetQuality
+from scoreq_live.core.resample import Resampler
 from scoreq_live.errors import ScoreqLiveError
 
 HOLD_S = 0.5  # most audio gathered between two windows before it is processed (see Source.held)
-DUE_MARGIN = 480  # 30 ms at 16 kHz: the resampler holds back a few ms, so gathered audio goes on this early
+DUE_MARGIN = 480  # 30 ms at 16 kHz: gathered audio goes on this early (the resampler holds some back)
 
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 """What a stream name given by a user or a publisher may be (``NAME=`` inputs, WHIP ``?stream=``)."""
@@ -31,28 +31,21 @@ class SourceError(ScoreqLiveError):
 class Normaliser:
     """Downmix, convert to float32, clean NaN/Inf and resample one stream to 16 kHz.
 
-    The resampler is a streaming soxr resampler kept per stream, so chunk
-    boundaries leave no clicks and the output is the same however the input
-    was chunked.
+    The resampler (:class:`scoreq_live.core.resample.Resampler`, the one RTP streams use too) is kept per
+    stream, so chunk boundaries leave no clicks and the output is the same however the input was chunked.
     """
 
     def __init__(self, rate: int) -> None:
         if rate <= 0:
             raise SourceError(f"invalid sample rate {rate}")
         self.rate = rate
-        self._rs = (None if rate == SAMPLE_RATE
-                    else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ"))
+        self._rs = Resampler(rate)
 
-    def process(self, frames: np.ndarray, last: bool = False) -> np.ndarray:
-        x = to_mono_float(frames)
-        if self._rs is None:
-            return x
-        return self._rs.resample_chunk(x, last=last)
+    def process(self, frames: np.ndarray) -> np.ndarray:
+        return self._rs.process(to_mono_float(frames))
 
     def flush(self) -> np.ndarray:
-        if self._rs is None:
-            return np.zeros(0, dtype=np.float32)
-        return self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        return self._rs.flush()
 
 
 class Source(abc.ABC):
