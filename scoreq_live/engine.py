@@ -172,7 +172,8 @@ class Engine:
     def attach(self, source: Source) -> asyncio.Task[None]:
         """Run one more stream now (from inside the running engine); its name is made unique among live ones."""
         source.name = self._unique(source.name)
-        self.cores[source.name] = StreamCore(source.name, self.config.stream)  # reserved before the task runs
+        core = self.cores[source.name] = StreamCore(source.name, self.config.stream)  # reserved before the task runs
+        core.state = self.runner.new_state()  # the model family's, dropped with the core when the stream ends
         self._inputs[source.name] = source
         self.streams_seen += 1
         return self._spawn(self._pump(source), f"source:{source.name}")
@@ -351,7 +352,7 @@ class Engine:
 
     async def _run(self, batch: list[tuple[StreamCore, Window]]) -> None:
         try:
-            outcome = await self.runner.run([w.audio for _, w in batch])
+            outcome = await self.runner.run([w.audio for _, w in batch], [core.state for core, _ in batch])
             if outcome.took is not None:
                 self._ran(len(batch), outcome.took)
             self._resolve(batch, outcome)
@@ -375,9 +376,13 @@ class Engine:
 
     def _resolve(self, batch: list[tuple[StreamCore, Window]], outcome: Outcome) -> None:
         touched: dict[str, StreamCore] = {}
-        for (core, w), v in zip(batch, outcome.values):
+        names = self.runner.names
+        for i, ((core, w), v) in enumerate(zip(batch, outcome.values)):
             if not w.resolved:  # a stopped stream has given up on its windows already
-                core.resolve(w, v, outcome.reason)
+                named = None
+                if names and outcome.scores is not None:
+                    named = dict(zip(names, (float(x) for x in outcome.scores[i])))
+                core.resolve(w, v, outcome.reason, named)
             touched[core.name] = core
         for core in touched.values():
             self._publish_drained(core)

@@ -90,8 +90,10 @@ class ScoreEvent(Event):
 
     ``mos`` (mode ``nr``) or ``distance`` (mode ``ref``) is None when the
     window was not scored; ``reason`` then says why (``no_speech``,
-    ``silent``, ``overloaded``, ``error``).  Packet streams add ``net``
-    (:class:`NetQuality`); other inputs leave it out.
+    ``silent``, ``overloaded``, ``error``).  ``scores`` holds every named
+    score of the model (its family's names, the primary ``mos`` or
+    ``distance`` included) for a scored window, else it is left out.  Packet
+    streams add ``net`` (:class:`NetQuality`); other inputs leave it out.
     """
 
     type: ClassVar[str] = "score"
@@ -108,10 +110,21 @@ class ScoreEvent(Event):
     latency_ms: float = 0.0
     reason: SkipReason | None = None
     net: NetQuality | None = None
+    scores: dict[str, float] | None = None
 
     @property
     def value(self) -> float | None:
         return self.mos if self.mode == "nr" else self.distance
+
+    def score(self, name: str) -> float | None:
+        """A named score of this window (``None``: not scored, or the model gives no such score)."""
+        if self.scores is not None and name in self.scores:
+            return self.scores[name]
+        if name == "mos":
+            return self.mos
+        if name == "distance":
+            return self.distance
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -137,6 +150,8 @@ class ScoreEvent(Event):
             latency_ms=round(self.latency_ms, 1),
             reason=self.reason,
         )
+        if self.scores is not None:
+            d["scores"] = {k: _round(v, 5) for k, v in self.scores.items()}
         if self.net is not None:
             d["net"] = self.net.to_dict()
         return d
@@ -319,6 +334,11 @@ def event_from_dict(d: dict[str, Any]) -> Event:
         raise ValueError(f"a {kind} event needs 'stream' (text) and 'ts' (a number)")
     names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names}
+    if cls is ScoreEvent and "scores" in kwargs and not (
+            isinstance(kwargs["scores"], dict)
+            and all(isinstance(k, str) and (v is None or isinstance(v, (int, float)))
+                    for k, v in kwargs["scores"].items())):
+        del kwargs["scores"]  # not named numbers: dropped, as an unknown key would be
     if cls is ScoreEvent and isinstance(kwargs.get("net"), dict):
         kwargs["net"] = NetQuality(**{k: v for k, v in kwargs["net"].items()
                                       if k in {f.name for f in fields(NetQuality)}})

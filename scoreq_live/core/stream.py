@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -68,6 +68,7 @@ class Window:
     arrival: float  # time the window's last sample arrived (engine clock)
     reason: SkipReason | None = None  # why it will not be scored, if it will not
     value: float | None = None
+    scores: dict[str, float] | None = None  # every named score of the model's family, when scored
     resolved: bool = False
     ring: RingBuffer | None = field(default=None, repr=False)  # where the samples are, until kept or resolved
     kept: np.ndarray | None = field(default=None, repr=False)  # the samples, once the ring was about to lose them
@@ -119,6 +120,7 @@ class StreamCore:
         self.windows = 0
         self.scored = 0
         self.non_finite = 0  # samples that arrived as NaN/Inf and were zeroed
+        self.state: Any = None  # the model family's per-stream state (kept by the engine, opaque here)
 
     @property
     def t(self) -> float:
@@ -178,9 +180,14 @@ class StreamCore:
                 out.append(w)
         return out
 
-    def resolve(self, window: Window, value: float | None, reason: SkipReason | None = None) -> None:
-        """Record the scorer's result (or why there is none) for a window."""
+    def resolve(self, window: Window, value: float | None, reason: SkipReason | None = None,
+                scores: dict[str, float] | None = None) -> None:
+        """Record the scorer's result (or why there is none) for a window.
+
+        ``value`` is the primary score; ``scores`` every named score of the model, the primary included.
+        """
         window.value = value
+        window.scores = scores if value is not None else None
         window.reason = reason if value is None else None
         window.resolved = True
         window.release()
@@ -232,6 +239,7 @@ class StreamCore:
                 model=cfg.model,
                 latency_ms=max(0.0, (now - w.arrival) * 1000.0),
                 reason=w.reason,
+                scores=w.scores,
             )
             out.append(ev)
         return out

@@ -1,9 +1,11 @@
 """Running batches of windows: on a local model (an executor thread) or on an inference server (in flight).
 
-One interface for the engine, :class:`Runner`: ``await run(windows)`` gives
-an :class:`Outcome` (a score per window, or why there is none, and how long
-the model took) and never raises for a failing model; ``max_inflight`` says
-how many runs the engine may have started and not seen answered.
+One interface for the engine, :class:`Runner`: ``await run(windows, states)``
+gives an :class:`Outcome` (the scores of each window, or why there are none,
+and how long the model took) and never raises for a failing model;
+``max_inflight`` says how many runs the engine may have started and not seen
+answered; ``names`` and ``new_state`` are the model family's (named scores,
+per-stream state).
 
 - :class:`LocalRunner`: one run at a time on a thread of its own, so the
   event loop stays free while the model computes.
@@ -25,13 +27,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from scoreq_live.core.events import BackendStatus, SkipReason
 from scoreq_live.core.health import BackendHealth
-from scoreq_live.scoring.scorer import BackendUnavailable, RemoteScorer
+from scoreq_live.scoring.scorer import BackendUnavailable, RemoteScorer, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,11 @@ BACKEND_UNAVAILABLE: SkipReason = "backend_unavailable"
 
 
 class BatchScorer(Protocol):
-    """What a local runner needs of a scorer: one number per window, for a batch of windows (blocking)."""
+    """The least a local runner needs of a scorer: one number per window, for a batch of windows (blocking).
+
+    A :class:`~scoreq_live.scoring.scorer.Scorer` gives more: every named score of
+    its model's family, and per-stream state.
+    """
 
     def score(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -56,20 +62,34 @@ class Outcome:
     values: Sequence[float | None]
     reason: SkipReason | None = None
     took: float | None = None
+    scores: np.ndarray | None = None  # [N, len(names)]: every named score (the primary first), when scored
+
+    @classmethod
+    def failed(cls, n: int, reason: SkipReason, took: float | None = None) -> Outcome:
+        return cls([None] * n, reason, took)
+
+    @classmethod
+    def scored(cls, scores: np.ndarray, took: float) -> Outcome:
+        return cls([float(v) for v in scores[:, 0]], None, took, scores)
 
 
 class Runner(abc.ABC):
     """Runs batches of windows for the engine."""
 
     max_inflight: int = 1  # runs started and not answered, at most
+    names: tuple[str, ...] = ()  # the named scores of a window (empty: the primary score only, unnamed)
+
+    def new_state(self) -> Any:
+        """What the model keeps per stream between windows (``None``: nothing); handed back with its windows."""
+        return None
 
     @abc.abstractmethod
     async def start(self, publish: Callable[[BackendStatus], None], now: Callable[[], float]) -> None:
         """Before the first batch (``publish`` takes status events, ``now`` gives Unix time)."""
 
     @abc.abstractmethod
-    async def run(self, windows: Sequence[np.ndarray]) -> Outcome:
-        """Score a batch; a failure is an outcome (``error``), never an exception."""
+    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> Outcome:
+        """Score a batch (``states``: each window's stream's); a failure is an outcome (``error``), never raised."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -82,19 +102,29 @@ class LocalRunner(Runner):
     def __init__(self, scorer: BatchScorer) -> None:
         self.scorer = scorer
         self.max_inflight = 1
+        self.full = scorer if isinstance(scorer, Scorer) else None  # named scores and per-stream state
+        self.names = self.full.names if self.full is not None else ()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+
+    def new_state(self) -> Any:
+        return self.full.new_state() if self.full is not None else None
+
+    def _score(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None) -> np.ndarray:
+        if self.full is not None:
+            return self.full.score_named(windows, states)
+        return np.asarray(self.scorer.score(windows), dtype=np.float64).reshape(-1, 1)
 
     async def start(self, publish: Callable[[BackendStatus], None], now: Callable[[], float]) -> None:
         return None  # nothing to connect to, no state to report
 
-    async def run(self, windows: Sequence[np.ndarray]) -> Outcome:
+    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> Outcome:
         t0 = time.perf_counter()
         try:
-            values = await asyncio.get_running_loop().run_in_executor(self._executor, self.scorer.score, windows)
+            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score, windows, states)
         except Exception as e:
             log.error("scoring a batch of %d windows failed: %s", len(windows), e)
-            return Outcome([None] * len(windows), ERROR, time.perf_counter() - t0)
-        return Outcome([float(v) for v in values], None, time.perf_counter() - t0)
+            return Outcome.failed(len(windows), ERROR, time.perf_counter() - t0)
+        return Outcome.scored(scores, time.perf_counter() - t0)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -107,6 +137,7 @@ class RemoteRunner(Runner):
         self.scorer = scorer
         self.max_inflight = max(1, max_inflight)
         self.fallback = fallback
+        self.names = scorer.names
         self.health = BackendHealth(scorer.backend, fallback=fallback is not None)
         self._publish: Callable[[BackendStatus], None] = lambda ev: None
         self._now: Callable[[], float] = time.time
@@ -123,22 +154,25 @@ class RemoteRunner(Runner):
         if not connected:
             self._probe_soon()
 
-    async def run(self, windows: Sequence[np.ndarray]) -> Outcome:
+    def new_state(self) -> Any:
+        return self.scorer.new_state()
+
+    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> Outcome:
         if self.health.up:
             t0 = time.perf_counter()
             try:
-                values = await self.scorer.score_async(windows)
+                scores = await self.scorer.score_named_async(windows, states)
             except BackendUnavailable as e:
                 self._lost(str(e))
             except Exception as e:
                 log.error("scoring a batch of %d windows failed: %s", len(windows), e)
-                return Outcome([None] * len(windows), ERROR, time.perf_counter() - t0)
+                return Outcome.failed(len(windows), ERROR, time.perf_counter() - t0)
             else:
-                return Outcome([float(v) for v in values], None, time.perf_counter() - t0)
+                return Outcome.scored(scores, time.perf_counter() - t0)
         if self.fallback is not None:
-            return await self.fallback.run(windows)
+            return await self.fallback.run(windows, states)
         # Skipped at once, not a model run: no request was made for them.
-        return Outcome([None] * len(windows), BACKEND_UNAVAILABLE)
+        return Outcome.failed(len(windows), BACKEND_UNAVAILABLE)
 
     def _lost(self, error: str) -> None:
         """The backend stopped answering: say so once, and probe it with backoff until it answers."""

@@ -9,15 +9,18 @@ awaited (``score_async``).  :mod:`scoreq_live.scoring.runner` runs either.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.batching import BatchPlan
+from scoreq_live.scoring.families import Family, family_for, pad_window
 from scoreq_live.scoring.spec import Mode, ModelSpec
+
+__all__ = ["AsyncModel", "BackendUnavailable", "Model", "Reference", "RemoteScorer", "Scorer", "batches",
+           "pad_window", "run_windows"]
 
 
 class Model(Protocol):
@@ -30,48 +33,17 @@ class Model(Protocol):
     def describe(self) -> str: ...
 
 
-def pad_window(window: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Zero-pad (at the end) a window to the model's input length.
-
-    A fixed-input model gets its fixed length (longer windows keep their most
-    recent samples); a variable-length model gets the next multiple of
-    ``pad_multiple``, never more, so mean pooling is not diluted by silence.
-    """
-    n = spec.padded_length(window.size)
-    if window.size == n:
-        return window
-    if window.size > n:
-        return window[-n:]
-    out = np.zeros(n, dtype=np.float32)
-    out[: window.size] = window
-    return out
-
-
 def batches(windows: Sequence[np.ndarray], spec: ModelSpec, plan: BatchPlan | int
             ) -> Iterator[tuple[list[int], np.ndarray]]:
-    """Group windows by padded length and split each group into runs of the plan's sizes.
-
-    Yields ``(indices, batch)``; windows of one length share a run because
-    padding them to a common length would change their scores.  An ``int``
-    plan allows every power of two up to it.
-    """
-    if isinstance(plan, int):
-        plan = BatchPlan.up_to(plan)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, w in enumerate(windows):
-        groups[spec.padded_length(w.size)].append(i)
-    for idx in groups.values():
-        k = 0
-        for size in plan.split(len(idx)):
-            part = idx[k:k + size]
-            k += size
-            yield part, np.stack([pad_window(windows[i], spec) for i in part])
+    """The model inputs of ``spec``'s family for windows of any lengths, in runs of the plan's sizes."""
+    return family_for(spec).batches(windows, plan)
 
 
-def run_windows(model: Model, windows: Sequence[np.ndarray], plan: BatchPlan | int = 16) -> np.ndarray:
+def run_windows(model: Model, windows: Sequence[np.ndarray], plan: BatchPlan | int = 16,
+                family: Family | None = None, states: Sequence[Any] | None = None) -> np.ndarray:
     """Raw model outputs ``[N, D]`` for windows of any lengths, in input order."""
     out: np.ndarray | None = None
-    for idx, batch in batches(windows, model.spec, plan):
+    for idx, batch in (family or family_for(model.spec)).batches(windows, plan, states):
         y = model.run(batch)
         if out is None:
             out = np.empty((len(windows), y.shape[1]), dtype=np.float32)
@@ -119,6 +91,7 @@ class Scorer:
                 f"reference was embedded with {reference.model!r}, not {self.spec.name!r}"
             )
         self.reference = reference
+        self.family = family_for(self.spec, reference)
         # The run sizes (see scoring/batching.py): measured at start by the monitor, else powers of two.
         self.plan = plan or BatchPlan.up_to(max_batch)
 
@@ -135,20 +108,28 @@ class Scorer:
     def name(self) -> str:
         return self.spec.name
 
-    def embed(self, windows: Sequence[np.ndarray]) -> np.ndarray:
-        return run_windows(self.model, windows, self.plan)
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The named scores of a window (the family's), the primary one (``mos`` or ``distance``) first."""
+        return self.family.names
+
+    def new_state(self) -> Any:
+        """What the model's family keeps per stream between windows (``None``: nothing)."""
+        return self.family.new_state()
+
+    def embed(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> np.ndarray:
+        """Raw model outputs ``[N, D]``."""
+        return run_windows(self.model, windows, self.plan, self.family, states)
+
+    def score_named(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> np.ndarray:
+        """Every named score of each window, ``[N, len(names)]`` (see :attr:`names`)."""
+        if len(windows) == 0:
+            return np.zeros((0, len(self.names)), dtype=np.float64)
+        return self.family.named(self.embed(windows, states))
 
     def score(self, windows: Sequence[np.ndarray]) -> np.ndarray:
-        """One score per window: MOS, or distance to the reference."""
-        if len(windows) == 0:
-            return np.zeros(0, dtype=np.float64)
-        return self._finish(self.embed(windows))
-
-    def _finish(self, y: np.ndarray) -> np.ndarray:
-        """Raw outputs ``[N, D]`` -> one score per window."""
-        if self.reference is None:
-            return y[:, 0].astype(np.float64)
-        return self.reference.distance(y).astype(np.float64)
+        """The primary score of each window: MOS, or distance to the reference."""
+        return self.score_named(windows)[:, 0]
 
 
 class AsyncModel(Model, Protocol):
@@ -194,19 +175,24 @@ class RemoteScorer(Scorer):
         """Whether the server answered at start (else the engine starts with it lost)."""
         return self.remote.connected
 
-    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray:
-        """:meth:`score` over the network: the runs of one call are sent together, not one after another.
+    async def score_named_async(self, windows: Sequence[np.ndarray],
+                                states: Sequence[Any] | None = None) -> np.ndarray:
+        """:meth:`score_named` over the network: the runs of one call are sent together, not one after another.
 
         Raises :class:`BackendUnavailable` when the server cannot be reached in time.
         """
         if len(windows) == 0:
-            return np.zeros(0, dtype=np.float64)
-        parts = list(batches(windows, self.spec, self.plan))
+            return np.zeros((0, len(self.names)), dtype=np.float64)
+        parts = list(self.family.batches(windows, self.plan, states))
         outs = await asyncio.gather(*(self.remote.run_async(b) for _, b in parts))
         y = np.empty((len(windows), outs[0].shape[1]), dtype=np.float32)
         for (idx, _), o in zip(parts, outs):
             y[idx] = o
-        return self._finish(y)
+        return self.family.named(y)
+
+    async def score_async(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """:meth:`score` over the network (the primary score of each window)."""
+        return (await self.score_named_async(windows))[:, 0]
 
     async def probe(self) -> None:
         """Check that the server can serve again (raises :class:`BackendUnavailable` when not)."""

@@ -59,6 +59,7 @@ class ModelSpec:
     bundled: bool = False
     output_dim: int | None = None  # D of a [batch, D] output, when the contract fixes it
     l2_normalised: bool = False  # embeddings have unit Euclidean norm (SCOREQ's ref models)
+    family: str | None = None  # how inputs and named scores are made (scoring/families.py); None: by kind
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
