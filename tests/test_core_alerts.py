@@ -178,3 +178,23 @@ def test_score_events_carry_net_only_for_packet_streams():
     e.net = net(2.5, 12.3456)
     d = json.loads(e.to_json())["net"]
     assert d["loss_pct"] == 2.5 and d["jitter_ms"] == 12.346 and d["codec"] == "PCMU" and d["received"] == 195
+
+
+def test_a_rule_on_a_named_score_reads_the_events_scores():
+    ev = AlertEvaluator([parse_rule("dnsmos.bak<3 for 2s")])
+    out = []
+    for i, bak in enumerate([3.5, 2.5, 2.4, 2.2, None, 3.6, 3.7, 3.8]):
+        e = score(i + 1.0, mos=3.9)
+        e.scores = None if bak is None else {"mos": 3.9, "dnsmos.bak": bak}
+        out += [(a.type, a.t, a.value) for a in ev.feed(e)]
+    # Held from t=2 to t=4 (2 s): raised; the unscored window is no evidence; clear 2 s past the margin.
+    assert out == [("alert", 4.0, 2.2), ("cleared", 8.0, 3.8)]
+
+
+def test_a_named_score_the_model_does_not_give_is_refused_and_typos_are_not_named_scores():
+    rule = parse_rule("dnsmos.sig<3")
+    check_rule_mode(rule, "nr", ("mos", "dnsmos.sig"))
+    with pytest.raises(RuleError, match="gives no score 'dnsmos.sig'.*its scores: mos"):
+        check_rule_mode(rule, "nr", ("mos",))
+    with pytest.raises(RuleError, match="unknown metric 'moss'"):
+        parse_rule("moss<3")

@@ -58,6 +58,8 @@ METRICS = {
     "jitter_ms": "jitter_ms",
 }
 NET_METRICS = frozenset({"loss_pct", "jitter_ms"})
+# A model's other named scores (score events' ``scores``) are named MODEL.SCORE, e.g. ``dnsmos.bak``.
+NAMED_SCORE = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+$")
 # Default dead band, in the metric's unit: a tenth of a MOS point, 3 dB, 5 % speech, half a point of loss.
 _ABS_MARGIN = {"mos": 0.1, "speech": 0.05, "level_dbfs": 3.0, "loss_pct": 0.5}
 # Metrics without a natural absolute scale get a margin relative to the threshold.
@@ -65,7 +67,7 @@ _REL_MARGIN = 0.05
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _RULE = re.compile(
-    rf"^\s*(?P<metric>[a-z_]+)\s*(?P<op>[<>])\s*(?P<threshold>{_NUM})"
+    rf"^\s*(?P<metric>[a-z_][a-z0-9_.]*)\s*(?P<op>[<>])\s*(?P<threshold>{_NUM})"
     rf"(?:\s+for\s+(?P<for>{_NUM})\s*(?P<unit>ms|s|sec|m|min)?)?"
     rf"(?:\s+hysteresis\s+(?P<hyst>{_NUM}))?\s*$",
     re.IGNORECASE,
@@ -111,6 +113,8 @@ class AlertRule:
     def value(self, ev: ScoreEvent) -> float | None:
         if self.metric in NET_METRICS:  # no net (not a packet stream): no evidence either way
             v = None if ev.net is None else getattr(ev.net, self.metric)
+        elif self.metric not in METRICS:  # a named score (parse_rule let only those through)
+            v = ev.score(self.metric)
         else:
             v = getattr(ev, METRICS[self.metric])
         return None if v is None or not math.isfinite(v) else float(v)
@@ -127,18 +131,20 @@ def parse_rule(text: str) -> AlertRule:
     """Parse ``METRIC OP THRESHOLD [for DURATION] [hysteresis MARGIN]``.
 
     ``METRIC``: mos, distance, smoothed, speech (0-1), level_dbfs (or level),
-    latency_ms (or latency).  ``OP``: ``<`` or ``>``.  ``DURATION``: seconds,
-    with an optional unit ``ms``, ``s``, ``m``/``min``.
+    latency_ms (or latency), loss_pct (or loss), jitter_ms (or jitter), or a
+    model's named score ``MODEL.SCORE`` (score events' ``scores``; checked
+    against the model by :func:`check_rule_mode`).  ``OP``: ``<`` or ``>``.
+    ``DURATION``: seconds, with an optional unit ``ms``, ``s``, ``m``/``min``.
     """
     m = _RULE.match(text)
     if not m:
         raise RuleError(f"cannot read alert rule {text!r}: expected e.g. 'mos<3.0 for 10s' or "
                         "'distance>0.6 for 5s' (METRIC OP NUMBER [for DURATION] [hysteresis MARGIN])")
     name = m["metric"].lower()
-    if name not in METRICS:
+    if name not in METRICS and not NAMED_SCORE.match(name):
         raise RuleError(f"alert rule {text!r}: unknown metric {name!r}; one of "
-                        + ", ".join(sorted(set(METRICS))))
-    metric = METRICS[name]
+                        + ", ".join(sorted(set(METRICS))) + ", or a model's named score (MODEL.SCORE)")
+    metric = METRICS.get(name, name)
     for_s = float(m["for"]) * _UNIT_S[(m["unit"] or "s").lower()] if m["for"] else 0.0
     hyst = float(m["hyst"]) if m["hyst"] else None
     threshold = float(m["threshold"])
@@ -147,8 +153,15 @@ def parse_rule(text: str) -> AlertRule:
     return AlertRule(metric=metric, op=m["op"], threshold=threshold, for_s=for_s, hysteresis=hyst)
 
 
-def check_rule_mode(rule: AlertRule, mode: Mode) -> None:
-    """Refuse rules on a score the mode does not produce (``mos`` in ref mode, ``distance`` in nr)."""
+def check_rule_mode(rule: AlertRule, mode: Mode, names: tuple[str, ...] | None = None) -> None:
+    """Refuse rules on a score the model does not produce.
+
+    ``mos`` in ref mode, ``distance`` in nr; with ``names`` (the model's named
+    scores), a named score the model does not give.
+    """
+    if names is not None and NAMED_SCORE.match(rule.metric) and rule.metric not in names:
+        raise RuleError(f"alert rule {rule.text!r}: the model gives no score {rule.metric!r} (its scores: "
+                        + ", ".join(names) + ")")
     if rule.metric == "mos" and mode != "nr":
         raise RuleError(f"alert rule {rule.text!r}: mode {mode} gives distances, not a MOS; use 'distance' "
                         "or 'smoothed'")
