@@ -120,3 +120,29 @@ def test_a_stream_thinned_by_an_overloaded_scorer_says_so_and_keeps_its_latest_s
 
     assert "thinned" in line(106.0) and "3.80" in line(106.0) and "–" not in line(106.0)
     assert "thinned" not in line(120.0) and "live" in line(120.0)  # caught up: no skips for a while
+
+
+def test_a_model_with_named_scores_gets_a_compact_scores_column():
+    state = PanelState()
+    state.update(StreamStarted(stream="room", ts=0, source="rtp", model="multi", mode="nr"))
+    state.update(StreamStarted(stream="desk", ts=0, source="rtp", model="multi", mode="nr"))
+    state.update(ScoreEvent(stream="room", ts=0, window=0, t_start=0, t_end=4, mos=3.1, smoothed=3.1, speech=0.9,
+                            level_dbfs=-30.0, model="multi",
+                            scores={"mos": 3.1, "dnsmos.sig": 3.42, "dnsmos.bak": 1.87}))
+    for width in (80, 120):
+        console = Console(record=True, width=width)
+        console.print(render(state, width))
+        lines = console.export_text().rstrip("\n").splitlines()
+        assert all(len(line) <= width for line in lines)
+        assert "scores" in lines[0]
+        room = next(line for line in lines if line.startswith("room"))
+        assert "3.10" in room and "sig 3.42" in room
+    wide = Console(record=True, width=120)
+    wide.print(render(state, 120))
+    assert "bak 1.87" in wide.export_text()
+    plain = PanelState()
+    for ev in events():
+        plain.update(ev)
+    console = Console(record=True, width=80)
+    console.print(render(plain, 80))
+    assert "scores" not in console.export_text()  # a one-score model: no column

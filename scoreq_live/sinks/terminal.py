@@ -58,6 +58,7 @@ class StreamRow:
     loss_pct: float | None = None  # packet streams: the last window's loss and jitter
     jitter_ms: float | None = None
     thinned_ts: float | None = None  # wall time of the latest window skipped because scoring was behind
+    extra: dict[str, float] = field(default_factory=dict)  # the model's other named scores, latest window
     history: deque[tuple[float, float | None]] = field(default_factory=deque)  # (t_end, value or None)
 
 
@@ -107,6 +108,8 @@ class PanelState:
                 r.thinned_ts = ev.ts  # thinned, not quiet: the latest score still stands
             else:
                 r.value, r.reason = ev.value, ev.reason
+            if ev.scores is not None:
+                r.extra = {k: v for k, v in ev.scores.items() if k not in ("mos", "distance") and v is not None}
             r.smoothed = ev.smoothed
             r.speech, r.level_dbfs, r.t = ev.speech, ev.level_dbfs, ev.t_end
             if ev.net is not None:
@@ -189,7 +192,10 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None, now: 
     # Packet streams: loss and jitter take the model's column (one model for all streams; the title names it),
     # and the stream column widens for NAME-<ssrc>.
     net = any(r.loss_pct is not None for r in state.rows.values())
-    spark_w = max(8, min(30, width - 69 - (2 if net else 0)))
+    # A model with named scores beyond the primary one (score events' ``scores``): one compact column.
+    extra = any(r.extra for r in state.rows.values())
+    extra_w = max(12, min(28, width - 69 - 8)) if extra else 0
+    spark_w = max(8, min(30, width - 69 - (2 if net else 0) - (extra_w + 1 if extra else 0)))
     table.add_column("stream", max_width=14 if net else 12, no_wrap=True, overflow="ellipsis")
     table.add_column("now", justify="right", width=5)
     table.add_column("avg", justify="right", width=5)
@@ -201,6 +207,8 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None, now: 
         table.add_column("loss  jitter", width=12, no_wrap=True)
     else:
         table.add_column("model", max_width=10, no_wrap=True, overflow="ellipsis")
+    if extra:
+        table.add_column("scores", max_width=extra_w, no_wrap=True, overflow="ellipsis")
     for r in state.rows.values():
         rb = bands if bands is not None and bands.lower_is_better == (r.mode != "nr") else Bands.for_mode(r.mode)
         if r.mode == "nr":
@@ -220,12 +228,15 @@ def render(state: PanelState, width: int = 80, bands: Bands | None = None, now: 
         last: str = r.model
         if net:
             last = "" if r.loss_pct is None or r.jitter_ms is None else f"{r.loss_pct:4.1f}% {r.jitter_ms:4.0f}ms"
-        table.add_row(
+        cells: list[RenderableType] = [
             r.name, score,
             Text(_fmt(r.smoothed, r.mode), style=_band_style(rb, r.smoothed) + " bold"),
             Text(spark, style=_band_style(rb, r.smoothed)),
             f"{r.speech * 100:.0f}%", f"{r.level_dbfs:.0f}dB", state_txt, last,
-        )
+        ]
+        if extra:
+            cells.append(" ".join(f"{k.rsplit('.', 1)[-1]} {v:.2f}" for k, v in r.extra.items()))
+        table.add_row(*cells)
     return table
 
 

@@ -187,6 +187,7 @@
       level: null,
       latency: null,
       net: null, // packet streams: the latest window's loss, jitter, E-model
+      named: null, // the model's other named scores in the latest scored window (score events' `scores`)
       t: null,              // stream time of the latest window
       lastSeen: 0,          // performance.now() of the latest event, for "stale"
       thinnedAt: 0,         // performance.now() of the latest window skipped as overloaded, for "thinned"
@@ -302,9 +303,20 @@
     s.level = num(ev.level_dbfs);
     s.latency = num(ev.latency_ms);
     s.net = ev.net && typeof ev.net === "object" ? ev.net : null;
+    if (ev.scores && typeof ev.scores === "object") s.named = otherScores(ev.scores);
     s.t = t;
     if (s.state === "starting") s.state = "live";
     touch(s, true);
+  }
+
+  /** Named scores beyond the primary one, as [name, value] pairs (null when there are none). */
+  function otherScores(scores) {
+    const out = [];
+    for (const [k, v] of Object.entries(scores)) {
+      const x = num(v);
+      if (k !== "mos" && k !== "distance" && x != null) out.push([k, x]);
+    }
+    return out.length ? out : null;
   }
 
   function onStreamStarted(ev) {
@@ -313,7 +325,7 @@
       // The same name started again: a new run, a new chart.
       s.ring.clear();
       s.alertSpans = [];
-      s.value = s.smoothed = s.reason = s.speech = s.level = s.latency = s.t = s.net = null;
+      s.value = s.smoothed = s.reason = s.speech = s.level = s.latency = s.t = s.net = s.named = null;
       s.thinnedAt = 0;
       s.skipT = NaN;
     }
@@ -634,6 +646,7 @@
       time: q(".stream-time"),
       latency: q(".latency"),
       net: q(".net"),
+      named: q(".named-scores"),
       chart: null,
       cols: [[], [], [], []],
       visible: true,
@@ -697,6 +710,8 @@
         setText(c.net, `loss ${loss == null ? "–" : loss.toFixed(1)} % · jitter ${jit == null ? "–" :
           Math.round(jit)} ms · net MOS ${cq == null ? "–" : cq.toFixed(2)}`);
       }
+      c.named.hidden = !s.named;
+      if (s.named) setText(c.named, s.named.map(([k, v]) => `${k} ${v.toFixed(2)}`).join(" · "));
       drawCardAlerts(s);
     }
     if (s.chartDirty) {
