@@ -51,3 +51,17 @@ def test_drops_of_every_consumer_are_reported():
     assert s[("scoreq_live_events_dropped_total", (("consumer", "TerminalSink"),))] == 3 == slow.dropped
     assert s[("scoreq_live_events_dropped_total", (("consumer", "webhook"),))] == 7
     assert s[("scoreq_live_batch_windows_sum", ())] == 4 and s[("scoreq_live_inference_seconds_sum", ())] == 0.2
+
+
+def test_every_named_score_is_a_series_and_goes_with_its_stream():
+    m = MetricsSink(model="multi", mode="nr")
+    m.update(StreamStarted(stream="room", ts=0))
+    m.update(ScoreEvent(stream="room", ts=0, mos=3.1, smoothed=3.1, speech=0.9,
+                        scores={"mos": 3.1, "dnsmos.sig": 3.4, "dnsmos.bak": 1.9}))
+    m.update(ScoreEvent(stream="room", ts=1, reason="no_speech"))  # unscored: the latest scores stand
+    s = samples(m)
+    assert s[("scoreq_live_score", (("score", "dnsmos.bak"), ("stream", "room")))] == 1.9
+    assert s[("scoreq_live_score", (("score", "mos"), ("stream", "room")))] == 3.1
+    assert s[("scoreq_live_mos", (("stream", "room"),))] == 3.1
+    m.update(StreamError(stream="room", ts=2, error="gone"))
+    assert not [k for k in samples(m) if k[0] == "scoreq_live_score"]

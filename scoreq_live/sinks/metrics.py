@@ -122,6 +122,9 @@ class MetricsSink(Sink):
                             "window's packets", per, registry=r)
         self.r_factor = Gauge("scoreq_live_r_factor", "E-model (ITU-T G.107) R factor of the latest window, from "
                               "codec and loss", per, registry=r)
+        self.score = Gauge("scoreq_live_score", "Every named score of the model (score events' scores) in the "
+                           "latest scored window; the primary one is also scoreq_live_mos / _distance",
+                           ["stream", "score"], registry=r)
         self.mos_cq = Gauge("scoreq_live_mos_cq", "E-model MOS-CQ of the latest window (what the network says, "
                             "beside scoreq_live_mos)", per, registry=r)
         self.inference = Histogram("scoreq_live_inference_seconds", "Duration of one model run (a batch of "
@@ -141,6 +144,7 @@ class MetricsSink(Sink):
         r.register(self._pulled)
         self._live: set[str] = set()
         self._results: dict[str, set[str]] = {}
+        self._scores: dict[str, set[str]] = {}  # the named scores each live stream has series for
         self._alerts: set[tuple[str, str]] = set()
 
     # -- sources of numbers ---------------------------------------------------------
@@ -180,6 +184,12 @@ class MetricsSink(Sink):
                                                                                    self.distance_smoothed)
             if ev.value is not None:
                 value.labels(s).set(ev.value)
+            if ev.scores is not None:
+                names = self._scores.setdefault(s, set())
+                for name, v in ev.scores.items():
+                    if v is not None:
+                        self.score.labels(s, name).set(v)
+                        names.add(name)
             if ev.smoothed is not None:
                 smoothed.labels(s).set(ev.smoothed)
             self.speech.labels(s).set(ev.speech)
@@ -223,6 +233,8 @@ class MetricsSink(Sink):
                 pass
         for result in self._results.pop(stream, ()):
             self.windows.remove(stream, result)
+        for name in self._scores.pop(stream, ()):
+            self.score.remove(stream, name)
         for st, rule in [a for a in self._alerts if a[0] == stream]:
             self._drop_alert(st, rule)
 
