@@ -205,3 +205,15 @@ def test_burst_ratio() -> None:
     assert burst_ratio(0, 0, 100) == 1.0
     assert burst_ratio(10, 10, 100) == 1.0  # isolated losses
     assert burst_ratio(10, 1, 100) == pytest.approx(9.0)  # one run of 10 at 10 % loss
+
+
+def test_a_timestamp_jump_is_not_jitter() -> None:
+    """Sequence numbers go on, the timestamps jump by 2^31 (a sender's new timeline): jitter stays real."""
+    buf = JitterBuffer(min_delay_s=0.02, max_delay_s=0.1)
+    rng = np.random.default_rng(5)
+    for i in range(200):
+        ts = i * STEP + (2**31 if i >= 100 else 0)
+        buf.push(pkt(i, ts), i * 0.02 + float(rng.uniform(0.0, 0.004)), CLOCK)
+        buf.release(i * 0.02)
+    assert buf.ts_jumps == 1
+    assert buf.jitter_s < 0.005 and buf.jitter_mean_s < 0.005  # the 4 ms of real jitter, not 74 hours

@@ -349,12 +349,13 @@ def test_bye_ends_the_stream_and_only_its_sender_may_say_it(speech8: np.ndarray)
     t_bye = pkts[half - 1].t + 0.01
     dgrams = send(pkts[:half]) + send(pkts[half:half + 3])  # three stragglers after the BYE
     dgrams.append((rtcp_bye(SSRC_A), EVIL, t_bye - 0.005))  # someone else's BYE: ignored
-    dgrams.append((rtcp_rr(SSRC_A) + rtcp_bye(SSRC_A), (A[0], A[1] + 1), t_bye))
+    dgrams.append((rtcp_bye(SSRC_A), (A[0], A[1] + 7), t_bye - 0.004))  # the same host, another port: ignored
+    dgrams.append((rtcp_rr(SSRC_A) + rtcp_bye(SSRC_A), (A[0], A[1] + 1), t_bye))  # its RTCP port
     demux, audio, events, _ = run(dgrams)
     assert [(type(e), e.ssrc) for e in events] == [(NewStream, SSRC_A), (StreamGone, SSRC_A)]
     gone = events[1]
     assert isinstance(gone, StreamGone) and gone.reason == "bye"
-    assert demux.streams == {} and demux.dropped["after_bye"] == 3 and demux.dropped["bye_addr_mismatch"] == 1
+    assert demux.streams == {} and demux.dropped["after_bye"] == 3 and demux.dropped["bye_addr_mismatch"] == 2
     np.testing.assert_allclose(audio[SSRC_A], offline(clean_parts(pkts[:half])), atol=1e-6)
 
 

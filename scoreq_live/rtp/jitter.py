@@ -35,6 +35,10 @@ from dataclasses import dataclass
 from scoreq_live.rtp.packet import RtpPacket
 
 MAX_DROPOUT = 3000  # RFC 3550 A.1: largest forward jump still taken as loss
+# A change of transit time (arrival minus media time) beyond this between two packets is the sender's
+# timestamps jumping, not the network: it is not folded into the jitter estimate (RFC 3550 A.8 assumes one
+# timeline).  Queues that vary by seconds have lost the call anyway; the jitter buffer gives up long before.
+MAX_TRANSIT_STEP_S = 3.0
 MAX_MISORDER = 100  # RFC 3550 A.1: how far behind a packet may be and still be a reordered one
 _SEQ_MOD = 1 << 16
 _TS_MOD = 1 << 32
@@ -95,6 +99,7 @@ class JitterBuffer:
         self._jitter_n = 0
         self._jitter_sum = 0.0
         self._transit: float | None = None
+        self.ts_jumps = 0  # timestamp discontinuities left out of the jitter estimate
         self._clock = 0
         # playout
         self._buf: dict[int, tuple[RtpPacket, int, float]] = {}  # ext seq -> (packet, ext ts, arrival)
@@ -211,6 +216,12 @@ class JitterBuffer:
         transit = arrival_s - ext_ts / clock_rate
         if self._transit is not None and clock_rate == self._clock:
             d = abs(transit - self._transit)
+            if d > MAX_TRANSIT_STEP_S:
+                # Not network jitter but the sender's timestamps jumping (a new timeline on the same
+                # sequence): the estimate keeps its value and follows the new timeline from here.
+                self.ts_jumps += 1
+                self._transit = transit
+                return
             self._jitter_n += 1
             self.jitter_s += (d - self.jitter_s) / min(self._jitter_n, 16)
             self._jitter_sum += self.jitter_s

@@ -392,6 +392,15 @@ class _Candidate:
     last_arrival_s: float
 
 
+def _rtcp_of(rtp_addr: tuple[str, int], addr: tuple[str, int]) -> bool:
+    """Whether RTCP from ``addr`` can be the sender's at ``rtp_addr``: its RTP port (rtcp-mux) or the next one.
+
+    RFC 3550's source validation: only the transport a stream comes from may end it with a BYE; another
+    program on the same host (another port) may not.
+    """
+    return addr[0] == rtp_addr[0] and addr[1] in (rtp_addr[1], rtp_addr[1] + 1)
+
+
 class RtpDemux:
     """All RTP/RTCP of one UDP port, sans-I/O; see the module docstring.
 
@@ -493,7 +502,7 @@ class RtpDemux:
         for ssrc in ssrcs:
             stream = self.streams.get(ssrc)
             if stream is not None:
-                if stream.source_addr[0] != addr[0]:  # only the sender's host may end its stream
+                if not _rtcp_of(stream.source_addr, addr):  # only the sender's own transport may end it
                     self._drop("bye_addr_mismatch")
                     continue
                 del self.streams[ssrc]
@@ -501,7 +510,7 @@ class RtpDemux:
                 self._byes[ssrc] = arrival_s
                 events.append(StreamGone(ssrc, "bye"))
             elif ssrc in self._candidates:
-                if self._candidates[ssrc].addr[0] != addr[0]:
+                if not _rtcp_of(self._candidates[ssrc].addr, addr):
                     self._drop("bye_addr_mismatch")
                     continue
                 self._drop("unconfirmed", len(self._candidates.pop(ssrc).packets))
