@@ -142,11 +142,11 @@ def score_path(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int |
 
 @dataclass
 class _Leg:
-    """One RTP stream of a capture being decoded."""
+    """One RTP stream of a capture, decoded."""
 
     flow: Flow | None
     stream: RtpStream | None
-    audio: list[np.ndarray] = field(default_factory=list)
+    audio: np.ndarray
     error: str | None = None
 
 
@@ -159,8 +159,8 @@ def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: in
     another result), then its audio is scored window by window.  ``rtp_port``: only streams from or
     to that UDP port.  A capture that cannot be read, or holds no RTP, gives one result saying so.
     """
-    from scoreq_live.rtp.capture import Capture, CaptureError, FlowDemux, FlowEvent, find_rtp_flows, format_endpoint
-    from scoreq_live.rtp.receiver import NewStream, StreamGone
+    from scoreq_live.rtp.capture import Capture, CaptureError, FlowDemux, find_rtp_flows, format_endpoint
+    from scoreq_live.sources.pcap import CaptureStreams
     from scoreq_live.sources.rtp import DEFAULT_TIMEOUT_S
 
     timeout_s = timeout_s or DEFAULT_TIMEOUT_S
@@ -176,38 +176,17 @@ def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: in
     span = max(f.last_s for f in flows) - min(f.first_s for f in flows)
     # network history for the whole capture, so that every window's numbers are still there after decoding
     demux = FlowDemux(flows, timeout_s=timeout_s, history_s=span + 2 * timeout_s + 60.0)
-    legs: list[_Leg] = []
-    live: dict[tuple[tuple[str, int], int], _Leg] = {}
-
-    def handle(events: list[FlowEvent]) -> None:
-        for fe in events:
-            ev, key = fe.event, (fe.dst, fe.event.ssrc)
-            if isinstance(ev, NewStream):
-                live[key] = _Leg(fe.flow, ev.stream)
-                legs.append(live[key])
-                continue
-            leg = live.pop(key, None)
-            if isinstance(ev, StreamGone):
-                if leg is not None and leg.stream is not None:
-                    leg.audio.append(leg.stream.finish())
-            elif leg is not None:
-                leg.error = ev.error
-            else:
-                legs.append(_Leg(fe.flow, None, error=ev.error))
-
+    # The streams as the monitor's replay opens and ends them; nothing reads them while decoding, so each
+    # holds its audio until it ends, and is then read whole.
+    live = CaptureStreams(path.stem, path)
     with Capture(path) as cap:
-        ticked = 0.0
         for d in cap.datagrams():
-            t = demux.arrival(d.ts)
-            if t - ticked >= 0.1:
-                handle(demux.expire(t))
-                ticked = t
-            handle(demux.feed(d))
-    for leg in live.values():
-        if leg.stream is not None:
-            leg.audio.append(leg.stream.finish())
+            live.feed(demux, d, demux.arrival(d.ts))
+    live.end_all("eof")
+    legs = [_Leg(s.flow, s.stream, s.take(), s.failure) for s in live.new()]
     played = {leg.flow.key for leg in legs if leg.flow is not None}
-    legs += [_Leg(f, None, error="no packet of this stream could be played") for f in flows if f.key not in played]
+    empty = np.zeros(0, np.float32)
+    legs += [_Leg(f, None, empty, "no packet of this stream could be played") for f in flows if f.key not in played]
 
     results: list[FileResult] = []
     seen: dict[str, int] = {}
@@ -225,7 +204,7 @@ def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: in
         if stream is None or leg.error is not None:
             continue
         res.codec = stream.codec_name or res.codec
-        audio = np.concatenate(leg.audio) if leg.audio else np.zeros(0, np.float32)
+        audio = leg.audio
         if res.src is None:
             res.src, res.dst = format_endpoint(stream.source_addr), ""
         res.net = _stream_net(stream, audio.size / 16000)

@@ -26,7 +26,6 @@ stops (``stopped``); its peer connection, sockets and tasks are released then.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -47,7 +46,7 @@ from scoreq_live.rtp.codecs import Codec, CodecError, codec_by_name
 from scoreq_live.rtp.packet import RtpPacket
 from scoreq_live.rtp.receiver import RtpStream
 from scoreq_live.sources.base import STREAM_NAME, Source, StreamSet
-from scoreq_live.sources.rtp import RtpSource
+from scoreq_live.sources.push import DemuxAdapter, RtpSource, Ticker
 
 __all__ = ["WhipError", "WhipIngest", "WhipSession", "WhipSettings"]
 
@@ -142,8 +141,8 @@ class WhipIngest(StreamSet):
         super().__init__(name, "WHIP (WebRTC publishers)")
         self.settings = settings
         self.sessions: dict[str, WhipSession] = {}
-        self._new: collections.deque[Source] = collections.deque()
-        self._wake: asyncio.Event | None = None
+        self.adapter: DemuxAdapter[str, WebRtcSource] = DemuxAdapter()  # each session's stream, by session id
+        self._ticker = Ticker(TICK_S)
         self._running = False
         self._closing: set[asyncio.Task[None]] = set()
         self._count = itertools.count(1)
@@ -229,9 +228,8 @@ class WhipIngest(StreamSet):
 
         self.sessions[sid] = session
         self.started += 1
-        self._new.append(source)
-        if self._wake is not None:
-            self._wake.set()
+        self.adapter.opened(sid, source)
+        self._ticker.wake()
         return session, local.sdp
 
     async def delete(self, sid: str) -> bool:
@@ -299,9 +297,7 @@ class WhipIngest(StreamSet):
             return
         session.ended = reason
         self.sessions.pop(session.id, None)
-        src = session.source
-        src.deliver()
-        src.end(reason)
+        self.adapter.gone(session.id, reason)
         task = asyncio.get_running_loop().create_task(self._close_pc(session), name=f"whip-close:{session.id}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -315,30 +311,21 @@ class WhipIngest(StreamSet):
 
     def _tick(self, now: float) -> None:
         for session in list(self.sessions.values()):
-            stream = session.stream
-            if stream is not None:
-                stream.tick(now)
-                session.source.deliver()
+            if session.stream is not None:
+                session.stream.tick(now)
             if now - session.last_media >= self.settings.timeout_s:
-                self.end(session, "inactive")
+                self.end(session, "inactive")  # its audio so far goes on first
+        self.adapter.deliver()
 
     # -- StreamSet --------------------------------------------------------------------------------------
 
     async def streams(self) -> AsyncIterator[Source]:
-        loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         self._running = True
         try:
             while True:
-                timer = loop.call_later(TICK_S, self._wake.set)  # a timer, not wait_for (see sources/rtp.py)
-                try:
-                    await self._wake.wait()
-                finally:
-                    timer.cancel()
-                self._wake.clear()
-                self._tick(loop.time())
-                while self._new:
-                    yield self._new.popleft()
+                self._tick(await self._ticker.wait())
+                for src in self.adapter.new():
+                    yield src
         finally:
             self._running = False
             for session in list(self.sessions.values()):

@@ -207,6 +207,15 @@ class PushSource(Source):
     def dropped_s(self) -> float:
         return self._dropped / self.rate
 
+    def take(self) -> np.ndarray:
+        """All the audio queued, taken at once: for a consumer that reads the stream whole, not by :meth:`frames`."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._queued = 0
+        if not chunks:
+            return np.zeros(0, np.float32)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
     async def frames(self) -> AsyncIterator[np.ndarray]:
         while True:
             while self._chunks:

@@ -19,8 +19,9 @@ not declare and its packets do not identify.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from scoreq_live.rtp.capture import (
     Capture,
     CaptureError,
     Datagram,
+    Endpoint,
     Flow,
     FlowDemux,
     FlowEvent,
@@ -36,9 +38,10 @@ from scoreq_live.rtp.capture import (
     format_endpoint,
 )
 from scoreq_live.rtp.codecs import Codec, CodecError, parse_codec_query
-from scoreq_live.rtp.receiver import NewStream, RtpStream, StreamFailed, StreamGone
+from scoreq_live.rtp.receiver import RtpStream
 from scoreq_live.sources.base import Source, SourceError, StreamSet
-from scoreq_live.sources.rtp import DEFAULT_TIMEOUT_S, RtpSource
+from scoreq_live.sources.push import DemuxAdapter, RtpSource, wait_set
+from scoreq_live.sources.rtp import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,39 @@ class PcapStream(RtpSource):
             self.taken.set()
 
 
+class CaptureStreams(DemuxAdapter[tuple[Endpoint, int], PcapStream]):
+    """The streams of a capture: its datagrams in (:meth:`feed`, through a :class:`FlowDemux`), a
+    :class:`PcapStream` per destination and SSRC out, for the replay and for offline scoring alike.
+
+    Streams are named ``NAME-<ssrc>``; ``path`` is the capture, for their detail.
+    """
+
+    def __init__(self, name: str, path: Path) -> None:
+        super().__init__()
+        self.name = name
+        self.path = path
+        self._ticked = 0.0  # capture time of the last expire
+
+    def feed(self, demux: FlowDemux, d: Datagram, t: float) -> None:
+        """The capture's next datagram, ``t`` its capture time (:meth:`FlowDemux.arrival`).
+
+        Every :data:`TICK_S` of capture time, holes given up and silent streams are seen to first.
+        """
+        if t - self._ticked >= TICK_S:
+            self.flow_events(demux.expire(t))
+            self._ticked = t
+        self.flow_events(demux.feed(d))
+
+    def flow_events(self, events: Iterable[FlowEvent]) -> None:
+        for fe in events:
+            self.event((fe.dst, fe.event.ssrc), fe.event, functools.partial(self._source, fe.flow))
+
+    def _source(self, flow: Flow | None, key: tuple[Endpoint, int], stream: RtpStream | None) -> PcapStream:
+        dst, ssrc = key
+        detail = flow.describe() if flow is not None else f"to {format_endpoint(dst)} ssrc {ssrc:08x}"
+        return PcapStream(f"{self.name}-{ssrc:08x}", flow, stream, f"{detail} in {self.path.name}")
+
+
 def _split_spec(path: Path) -> tuple[Path, dict[int, Codec]]:
     """``call.pcap?codec=opus&pt=111`` -> (call.pcap, {111: opus}); a plain path as is."""
     text = str(path)
@@ -108,7 +144,7 @@ class PcapReplay(StreamSet):
         self.port = port
         self.codecs = {**declared, **(codecs or {})}
         self.flows: list[Flow] | None = None
-        self.live: dict[tuple[tuple[str, int], int], PcapStream] = {}  # (destination, ssrc) -> its stream
+        self.adapter = CaptureStreams(self.name, self.path)
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -129,14 +165,6 @@ class PcapReplay(StreamSet):
     def check(self) -> None:
         self._scan()
 
-    def _name(self, ssrc: int) -> str:
-        return f"{self.name}-{ssrc:08x}"
-
-    def _detail(self, flow: Flow | None, ssrc: int, dst: tuple[str, int]) -> str:
-        if flow is None:
-            return f"to {format_endpoint(dst)} ssrc {ssrc:08x} in {self.path.name}"
-        return f"{flow.describe()} in {self.path.name}"
-
     # -- replay ------------------------------------------------------------------------------------
 
     async def streams(self) -> AsyncIterator[Source]:
@@ -144,6 +172,8 @@ class PcapReplay(StreamSet):
         flows = self.flows if self.flows is not None else await loop.run_in_executor(None, self._scan)
         demux = FlowDemux(flows, timeout_s=self.timeout_s)
         step = FAST_STEP_S if self.fast else STEP_S
+        live = self.adapter
+        live.name = self.name  # as named when the replay starts (open_inputs makes names unique)
         try:
             cap = Capture(self.path)
         except CaptureError as e:
@@ -152,8 +182,6 @@ class PcapReplay(StreamSet):
         try:
             datagrams: Iterator[Datagram] = cap.datagrams()
             handed = -step  # capture time up to which audio has been handed over
-            ticked = 0.0
-            new: list[PcapStream] = []
             while True:
                 try:
                     d = next(datagrams)
@@ -165,36 +193,25 @@ class PcapReplay(StreamSet):
                 if t - handed >= step:
                     # Every packet before t is in: in real time, wait until t has come; hand over the audio.
                     if not self.fast:
-                        async for ev in self._sleep_until(start, t, demux):
-                            new += self._handle(ev)
-                    for src in new:
+                        await self._sleep_until(start, t, demux)
+                    for src in live.new():
                         yield src
-                    new = []
-                    self._deliver()
+                    live.deliver()
                     if self.fast:
                         await self._backpressure()
                     handed = t
-                if t - ticked >= TICK_S:
-                    for ev in demux.expire(t):
-                        new += self._handle(ev)
-                    ticked = t
-                for ev in demux.feed(d):
-                    new += self._handle(ev)
+                live.feed(demux, d, t)
             if cap.stats.cut:
                 log.warning("pcap:%s ends in the middle of a packet; replayed what was before it", self.path)
-            for src in new:
+            for src in live.new():
                 yield src
-            self._deliver()
-            for src in list(self.live.values()):
-                src.end("eof")
-            self.live.clear()
+            live.deliver()
+            live.end_all("eof")
         finally:
             cap.close()
-            for src in list(self.live.values()):
-                src.end("stopped")
-            self.live.clear()
+            live.end_all("stopped")
 
-    async def _sleep_until(self, start: float, t: float, demux: FlowDemux) -> AsyncIterator[FlowEvent]:
+    async def _sleep_until(self, start: float, t: float, demux: FlowDemux) -> None:
         """Real time: wait until the loop clock reaches capture time ``t``; streams expire on the way."""
         loop = asyncio.get_running_loop()
         while True:
@@ -204,47 +221,16 @@ class PcapReplay(StreamSet):
             await asyncio.sleep(min(delay, TICK_S))
             now = min(loop.time() - start, t)
             if now < t:
-                for ev in demux.expire(now):
-                    yield ev
-                self._deliver()
+                self.adapter.flow_events(demux.expire(now))
+                self.adapter.deliver()
 
     async def _backpressure(self) -> None:
         """Fast: let the engine take the audio handed over before reading more of the capture."""
         await asyncio.sleep(0)
         while True:
-            behind = [s for s in self.live.values() if s.queued > MAX_QUEUED and not s.gone]
+            behind = [s for s in self.adapter.live.values() if s.queued > MAX_QUEUED and not s.gone]
             if not behind:
                 return
             src = behind[0]
             src.taken.clear()
-            # A timer, not asyncio.wait_for: before Python 3.12, wait_for can swallow a cancellation that comes
-            # as the event is set, and the replay would never stop.
-            timer = asyncio.get_running_loop().call_later(WAIT_S, src.taken.set)
-            try:
-                await src.taken.wait()
-            finally:
-                timer.cancel()
-
-    def _deliver(self) -> None:
-        for src in self.live.values():
-            src.deliver()
-
-    def _handle(self, fe: FlowEvent) -> list[PcapStream]:
-        ev, key = fe.event, (fe.dst, fe.event.ssrc)
-        if isinstance(ev, NewStream):
-            started = PcapStream(self._name(ev.ssrc), fe.flow, ev.stream, self._detail(fe.flow, ev.ssrc, fe.dst))
-            self.live[key] = started
-            return [started]
-        src = self.live.pop(key, None)
-        if src is None:
-            if isinstance(ev, StreamFailed):  # failed on its first packets: a stream only to say why
-                failed = PcapStream(self._name(ev.ssrc), fe.flow, None, self._detail(fe.flow, ev.ssrc, fe.dst))
-                failed.fail(ev.error)
-                return [failed]
-            return []
-        if isinstance(ev, StreamGone):
-            src.deliver()
-            src.end(ev.reason)
-        else:
-            src.fail(ev.error)
-        return []
+            await wait_set(src.taken, WAIT_S)

@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
-
-from scoreq_live.core.events import NetQuality
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, parse_codec_query, parse_sdp
-from scoreq_live.rtp.receiver import NewStream, RtpDemux, RtpStream, StreamFailed, StreamGone
-from scoreq_live.sources.base import PushSource, Source, SourceError, StreamSet
+from scoreq_live.rtp.receiver import RtpDemux, RtpStream
+from scoreq_live.sources.base import Source, SourceError, StreamSet
+from scoreq_live.sources.push import DemuxAdapter, RtpSource, Ticker
 
 log = logging.getLogger(__name__)
 
@@ -103,41 +101,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class RtpSource(PushSource):
-    """One sender (SSRC) on an RTP port: the audio its jitter buffer releases, at 16 kHz."""
-
-    kind = "rtp"
-
-    def __init__(self, name: str, stream: RtpStream | None, detail: str) -> None:
-        super().__init__(name, detail)
-        self.stream = stream
-
-    # -- called by the port -------------------------------------------------------------------------
-
-    def deliver(self) -> None:
-        if self.stream is not None:
-            self.push(self.stream.pull())
-
-    def end(self, reason: str) -> None:
-        """No more packets: release the jitter buffer's rest and end with ``reason`` (inactive, bye, eof)."""
-        if self.done:
-            return
-        if self.stream is not None:
-            self.push(self.stream.finish())
-        super().end(reason)  # type: ignore[arg-type]  # one of EndReason, by the port's contract
-
-    # -- Source -------------------------------------------------------------------------------------
-
-    async def chunks(self) -> AsyncIterator[np.ndarray]:
-        async for frames in self.held(self.frames()):  # already 16 kHz mono float32
-            yield frames
-
-    def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
-        if self.stream is None:
-            return None
-        return self.stream.net_window(t_start, t_end)
-
-
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self, port: RtpPort) -> None:
         self.port = port
@@ -164,11 +127,11 @@ class RtpPort(StreamSet):
         self._sock: socket.socket | None = None
         self._backlog: collections.deque[tuple[bytes, tuple[str, int], float]] = collections.deque()
         self._queue_max = queue
-        self._wake: asyncio.Event | None = None
+        self._ticker = Ticker(TICK_S)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.received = 0  # datagrams taken from the socket
         self.overflow = 0  # datagrams dropped because the demux fell behind
-        self.live: dict[int, RtpSource] = {}  # ssrc -> its stream
+        self.adapter: DemuxAdapter[int, RtpSource] = DemuxAdapter()  # a stream per ssrc
 
     def check(self) -> None:
         if self._sock is None:
@@ -187,10 +150,10 @@ class RtpPort(StreamSet):
         if len(self._backlog) >= self._queue_max:
             self.overflow += 1
             return
-        assert self._loop is not None and self._wake is not None
+        assert self._loop is not None
         self._backlog.append((data, addr, self._loop.time()))
         if len(self._backlog) == 1:
-            self._wake.set()
+            self._ticker.wake()
 
     def _name(self, ssrc: int) -> str:
         return f"{self.name}-{ssrc:08x}"
@@ -198,58 +161,29 @@ class RtpPort(StreamSet):
     async def streams(self) -> AsyncIterator[Source]:
         self.check()
         loop = self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
         try:
             while True:
-                # A timer, not asyncio.wait_for: before Python 3.12, wait_for swallows a cancellation that comes
-                # just as the event is set (a datagram in the same loop turn), and the port never stops.
-                timer = loop.call_later(TICK_S, self._wake.set)
-                try:
-                    await self._wake.wait()
-                finally:
-                    timer.cancel()
-                self._wake.clear()
-                new: list[RtpSource] = []
+                await self._ticker.wait()
                 backlog, self._backlog = self._backlog, collections.deque()
                 for data, addr, at in backlog:
                     for ev in self.demux.datagram(data, addr, at):
-                        src = self._handle(ev)
-                        if src is not None:
-                            new.append(src)
+                        self.adapter.event(ev.ssrc, ev, self._source)
                 for ev in self.demux.expire(loop.time()):
-                    self._handle(ev)
-                for src in self.live.values():
-                    src.deliver()
-                for src in new:
+                    self.adapter.event(ev.ssrc, ev, self._source)
+                self.adapter.deliver()
+                for src in self.adapter.new():
                     yield src
         finally:
             transport.close()
-            for src in list(self.live.values()):
-                src.end("stopped")
-            self.live.clear()
+            self.adapter.end_all("stopped")
 
-    def _handle(self, ev: NewStream | StreamGone | StreamFailed) -> RtpSource | None:
-        if isinstance(ev, NewStream):
-            st = ev.stream
-            host, port = st.source_addr[:2]
-            src = RtpSource(self._name(ev.ssrc), st,
-                            f"{st.codec_name} from {host}:{port} to :{self.spec.port} ssrc {ev.ssrc:08x}")
-            self.live[ev.ssrc] = src
-            return src
-        gone = self.live.pop(ev.ssrc, None)
-        if gone is None:
-            if isinstance(ev, StreamFailed):  # failed on its first packet: a stream only to say why
-                failed = RtpSource(self._name(ev.ssrc), None, f"to :{self.spec.port} ssrc {ev.ssrc:08x}")
-                failed.fail(ev.error)
-                return failed
-            return None
-        if isinstance(ev, StreamGone):
-            gone.deliver()
-            gone.end(ev.reason)
-        else:
-            gone.fail(ev.error)
-        return None
+    def _source(self, ssrc: int, stream: RtpStream | None) -> RtpSource:
+        if stream is None:  # failed on its first packet
+            return RtpSource(self._name(ssrc), None, f"to :{self.spec.port} ssrc {ssrc:08x}")
+        host, port = stream.source_addr[:2]
+        return RtpSource(self._name(ssrc), stream,
+                         f"{stream.codec_name} from {host}:{port} to :{self.spec.port} ssrc {ssrc:08x}")
 
     def close(self) -> None:
         if self._sock is not None:
