@@ -215,8 +215,8 @@ def feed_options(a: argparse.Namespace, ws: str | None, ws_required: bool = True
     """The feed server's flags as options; ``ws``: the websocket address the command settled on."""
     import os
 
+    from scoreq_live.http.policy import TOKEN_ENV
     from scoreq_live.monitor import FeedOptions
-    from scoreq_live.sinks.server import TOKEN_ENV
 
     return FeedOptions(ws=ws, ws_required=ws_required, http=a.http, token=a.token or os.environ.get(TOKEN_ENV),
                        allowed_origins=tuple(a.allowed_origin), max_clients=a.max_clients, history_s=a.history_s)
@@ -228,7 +228,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
     from scoreq_live.sinks.server import DEFAULT_WS_PORT
 
     feed = None
-    if not a.no_ws or a.http:
+    if not a.no_ws or a.http or a.whip:  # the token and origins are every site's, --whip's too
         ws = None if a.no_ws else (a.ws or f"127.0.0.1:{DEFAULT_WS_PORT}")
         feed = feed_options(a, ws, ws_required=a.ws is not None)
     return MonitorOptions(inputs=tuple(a.input), scoring=scoring_options(a), fast=a.fast, duration=a.duration,

@@ -3,8 +3,10 @@
 As uvicorn splits ``Config`` from ``Server``: :class:`MonitorOptions` holds
 every setting (inputs, model and windows, alerts, feed, outputs) as plain
 data; :func:`build_monitor` checks them and builds the parts (sources,
-scorer, alert rules, feed server, metrics, webhook) into a :class:`Monitor`,
-whose :meth:`Monitor.run` only runs them.  The command line turns flags into
+scorer, alert rules, feed server, HTTP sites, metrics, webhook) into a
+:class:`Monitor`, whose :meth:`Monitor.run` only runs them.  What listens on
+the network is assembled by :func:`serve_parts`, for the relay
+(:mod:`scoreq_live.relay`) as for the monitor.  The command line turns flags into
 options and nothing more, so a program embedding scoreq-live builds the same
 monitor the command line does.
 """
@@ -29,11 +31,14 @@ from scoreq_live.sinks.base import Sink, close_sinks, start_sinks
 from scoreq_live.sources import Input, open_inputs
 
 if TYPE_CHECKING:
+    from scoreq_live.http.policy import Listen
+    from scoreq_live.http.site import HttpSite
     from scoreq_live.ingest.http import IngestRoutes
     from scoreq_live.scoring.download import Progress
+    from scoreq_live.sinks.feed import FeedInfo
     from scoreq_live.sinks.metrics import MetricsSink
     from scoreq_live.sinks.redis import BrokerAddress
-    from scoreq_live.sinks.server import FeedServer, Listen
+    from scoreq_live.sinks.server import FeedServer
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +73,8 @@ class FeedOptions:
 class IngestOptions:
     """Publishers: WebRTC (WHIP at ``/whip``) and media-stream websockets (``/media``).
 
-    Served on the ``--http`` server, and on ``listen`` (``--whip HOST:PORT``)
-    by a server of their own that serves nothing else.  ``ice_hosts``: the
+    Served on the ``--http`` site, and on ``listen`` (``--whip HOST:PORT``)
+    by a site of their own that serves nothing else.  ``ice_hosts``: the
     addresses WebRTC sessions gather candidates on (empty: every interface
     but loopback); ``stun``: STUN servers for a public candidate behind NAT;
     ``max_sessions``: WHIP sessions (and, apart, media websockets) at once.
@@ -169,7 +174,9 @@ class Monitor:
 
     ``sinks`` are every output, in start order; a caller may append its own
     (a terminal panel) before :meth:`run`.  ``feed`` and ``metrics`` are
-    also among the sinks when the options ask for them.
+    also among the sinks when the options ask for them.  ``sites`` are the
+    HTTP listeners (``--http``, ``--whip``): they listen before the sinks
+    start and stop after the sinks have closed.
     """
 
     options: MonitorOptions
@@ -180,38 +187,42 @@ class Monitor:
     sinks: list[Sink] = field(default_factory=list)
     feed: FeedServer | None = None
     metrics: MetricsSink | None = None
+    sites: list[HttpSite] = field(default_factory=list)
     engine: Engine | None = None  # once running
 
     async def run(self) -> Engine:
         """Run until the inputs end (or ``duration``, or SIGINT/SIGTERM), then keep serving for the linger."""
+        from scoreq_live.http.site import serving
+
         opts = self.options
         bus = EventBus()
         if self.rules:
             bus.derive.append(AlertEvaluator(self.rules).feed)  # alert events follow the score that caused them
-        sink_tasks = await start_sinks(self.sinks, bus)
-        engine = self.engine = Engine(
-            self.scoring.scorer, self.sources,
-            EngineConfig(stream=self.scoring.stream, max_batch=self.scoring.scorer.max_batch,
-                         batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast,
-                         max_latency_s=opts.max_latency_s), bus, fallback=self.scoring.fallback)
-        for s in self.sinks:
-            s.attach(engine)
-        stopped = asyncio.Event()
+        async with serving(self.sites):
+            sink_tasks = await start_sinks(self.sinks, bus)
+            engine = self.engine = Engine(
+                self.scoring.scorer, self.sources,
+                EngineConfig(stream=self.scoring.stream, max_batch=self.scoring.scorer.max_batch,
+                             batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast,
+                             max_latency_s=opts.max_latency_s), bus, fallback=self.scoring.fallback)
+            for s in self.sinks:
+                s.attach(engine)
+            stopped = asyncio.Event()
 
-        def stop() -> None:
-            stopped.set()  # also ends a linger
-            engine.stop()
+            def stop() -> None:
+                stopped.set()  # also ends a linger
+                engine.stop()
 
-        linger = opts.linger_s
-        try:
-            with stop_on_signals(stop):
-                await engine.run(duration=opts.duration)
-                if linger > 0 and not stopped.is_set():
-                    # Inputs ended, but dashboards may still be looking: keep serving history and stream states.
-                    await wait_stopped(stopped, linger)
-        finally:
-            bus.close()
-            await close_sinks(self.sinks, sink_tasks)
+            linger = opts.linger_s
+            try:
+                with stop_on_signals(stop):
+                    await engine.run(duration=opts.duration)
+                    if linger > 0 and not stopped.is_set():
+                        # Inputs ended, but dashboards may still be looking: keep serving history and stream states.
+                        await wait_stopped(stopped, linger)
+            finally:
+                bus.close()
+                await close_sinks(self.sinks, sink_tasks)
         return engine
 
 
@@ -233,8 +244,7 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
         raise ConfigError(f"--max-latency must be a positive number of seconds (got {opts.max_latency_s:g})")
     sources = sources if sources is not None else open_sources(opts)
     rules = parse_alerts(opts.alerts)
-    listen = _feed_addresses(opts.feed) if opts.feed is not None else (None, None)
-    ingest_listen = _ingest_address(opts.ingest, *listen)
+    where = listen_addresses(opts.feed, opts.ingest.listen)
     endpoints = open_endpoints(opts)
     if endpoints is not None:
         sources = [*sources, *endpoints.inputs]
@@ -249,8 +259,8 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     monitor = Monitor(opts, sources, scoring, rules, bands)
     if opts.jsonl:
         monitor.sinks.append(JsonlSink(opts.jsonl))
-    if opts.feed is not None or endpoints is not None:
-        _add_feed(monitor, opts.feed or FeedOptions(ws=None), *listen, notify, endpoints, ingest_listen)
+    if where.feed or endpoints is not None:
+        _add_served(monitor, opts.feed or FeedOptions(ws=None), where, notify, endpoints)
     if opts.alert_webhook:
         hook = WebhookSink(opts.alert_webhook)
         monitor.sinks.append(hook)
@@ -288,52 +298,110 @@ def _host_name() -> str:
     return socket.gethostname().split(".")[0].replace("/", "-") or "monitor"
 
 
-def _feed_addresses(feed: FeedOptions) -> tuple[Listen | None, Listen | None]:
-    from scoreq_live.sinks.server import DEFAULT_HTTP_PORT, DEFAULT_WS_PORT, parse_listen
+@dataclass(frozen=True)
+class Addresses:
+    """Where a monitor or a relay listens: the feed's own websockets, the HTTP site, the publishers' site."""
 
-    ws = parse_listen(feed.ws, DEFAULT_WS_PORT) if feed.ws is not None else None
-    http = parse_listen(feed.http, DEFAULT_HTTP_PORT) if feed.http is not None else None
+    ws: Listen | None = None  # --ws
+    http: Listen | None = None  # --http: the panel, /metrics, the feed at /ws, the publishers' endpoints
+    whip: Listen | None = None  # --whip: the publishers' endpoints alone
+
+    @property
+    def feed(self) -> bool:
+        """Whether the feed is served (on its own websockets, or on the HTTP site)."""
+        return self.ws is not None or self.http is not None
+
+
+def listen_addresses(feed: FeedOptions | None, whip: str | None = None) -> Addresses:
+    """The addresses ``feed`` (``--ws``, ``--http``) and ``whip`` (``--whip``) ask for, read and checked.
+
+    Checked before anything loads: a typo or two servers on one port is reported at once.
+    """
+    from scoreq_live.http.policy import parse_listen
+    from scoreq_live.http.site import DEFAULT_HTTP_PORT
+    from scoreq_live.sinks.server import DEFAULT_WS_PORT
+
+    ws = parse_listen(feed.ws, DEFAULT_WS_PORT) if feed is not None and feed.ws is not None else None
+    http = parse_listen(feed.http, DEFAULT_HTTP_PORT) if feed is not None and feed.http is not None else None
     if ws is not None and http is not None and ws.port == http.port and ws.port != 0:
         raise ConfigError(f"--ws and --http both on port {ws.port}: the HTTP server serves the feed at /ws too, "
                           "so use --no-ws or another port")
-    return ws, http
-
-
-def _ingest_address(ingest: IngestOptions, ws: Listen | None, http: Listen | None) -> Listen | None:
-    from scoreq_live.sinks.server import DEFAULT_HTTP_PORT, parse_listen
-
-    if ingest.listen is None:
-        return None
-    where = parse_listen(ingest.listen, DEFAULT_HTTP_PORT)
+    own = parse_listen(whip, DEFAULT_HTTP_PORT) if whip is not None else None
     for other, flag in ((ws, "--ws"), (http, "--http")):
-        if other is not None and other.port == where.port and where.port != 0:
-            raise ConfigError(f"--whip and {flag} both on port {where.port}"
+        if own is not None and other is not None and other.port == own.port and own.port != 0:
+            raise ConfigError(f"--whip and {flag} both on port {own.port}"
                               + ("; the --http server serves /whip and /media too" if flag == "--http" else ""))
-    return where
+    return Addresses(ws, http, own)
 
 
-def _add_feed(monitor: Monitor, feed: FeedOptions, ws: Listen | None, http: Listen | None,
-              notify: Notify | None, endpoints: IngestRoutes | None = None,
-              ingest_listen: Listen | None = None) -> None:
-    from scoreq_live.sinks.feed import FeedHub, FeedInfo
+@dataclass
+class Served:
+    """What a monitor or a relay serves on the network, built by :func:`serve_parts`.
+
+    ``feed`` (its own websockets, ``/ws`` on the HTTP site) and ``metrics``
+    are sinks (:attr:`sinks`); ``sites`` are the HTTP listeners.
+    """
+
+    feed: FeedServer | None = None
+    metrics: MetricsSink | None = None
+    sites: list[HttpSite] = field(default_factory=list)
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """The sinks among them, in start order."""
+        return [s for s in (self.metrics, self.feed) if s is not None]
+
+
+def serve_parts(feed: FeedOptions, where: Addresses, info: FeedInfo, *, metrics_model: str | None = None,
+                endpoints: IngestRoutes | None = None, notify: Notify | None = None) -> Served:
+    """The feed, the metrics and the HTTP sites ``where`` asks for, each site with the routes it serves.
+
+    The one place routes are put on sites: the ``--http`` site serves the
+    panel, ``/metrics``, the feed at ``/ws`` and ``endpoints`` (WHIP,
+    ``/media``); the ``--whip`` site serves ``endpoints`` alone, and no feed
+    is built for it.  ``info``: what the feed's ``hello`` says;
+    ``metrics_model``: the model ``/metrics`` names (default: ``info``'s).
+    Every site and the feed share one policy: ``feed``'s token and origins.
+    """
+    from scoreq_live.http.policy import SitePolicy
+    from scoreq_live.http.routes import MetricsRoutes, PanelRoutes
+    from scoreq_live.http.site import HttpSite
+    from scoreq_live.sinks.feed import FeedHub
     from scoreq_live.sinks.metrics import MetricsSink
+    from scoreq_live.sinks.policy import PANEL_DIR
     from scoreq_live.sinks.server import FeedServer
 
-    if ws is None and http is None and ingest_listen is None:
-        return
+    policy = SitePolicy(token=feed.token, allowed_origins=frozenset(feed.allowed_origins))
+    served = Served()
+    if where.feed:
+        hub = FeedHub(info, history_s=feed.history_s)
+        served.feed = FeedServer(hub, where.ws, ws_required=feed.ws_required, policy=policy,
+                                 max_clients=feed.max_clients, notify=notify)
+    if where.http is not None:
+        served.metrics = MetricsSink(info.model if metrics_model is None else metrics_model, info.mode)
+        site = HttpSite(where.http, policy, flag="--http", notify=notify)
+        site.add(PanelRoutes(PANEL_DIR), MetricsRoutes(served.metrics.render))
+        if served.feed is not None:
+            served.metrics.watch_feed(served.feed.hub)
+            site.add(served.feed)
+        if endpoints is not None:
+            site.add(endpoints)
+        served.sites.append(site)
+    if where.whip is not None and endpoints is not None:
+        served.sites.append(HttpSite(where.whip, policy, flag="--whip", notify=notify).add(endpoints))
+    return served
+
+
+def _add_served(monitor: Monitor, feed: FeedOptions, where: Addresses, notify: Notify | None,
+                endpoints: IngestRoutes | None) -> None:
+    from scoreq_live.sinks.feed import FeedInfo
+
     stream = monitor.scoring.stream
-    hub = FeedHub(FeedInfo(model=stream.model, mode=stream.mode, window_s=stream.window_s, hop_s=stream.hop_s,
-                           bands=monitor.bands.to_dict()), history_s=feed.history_s)
-    if http is not None:
-        monitor.metrics = MetricsSink(stream.model, stream.mode)
-        monitor.metrics.watch_feed(hub)
-        monitor.sinks.append(monitor.metrics)
-    monitor.feed = FeedServer(hub, ws, http, ws_required=feed.ws_required,
-                              token=feed.token, allowed_origins=feed.allowed_origins,
-                              max_clients=feed.max_clients,
-                              metrics=monitor.metrics.render if monitor.metrics else None, notify=notify,
-                              ingest=endpoints, ingest_listen=ingest_listen)
-    monitor.sinks.append(monitor.feed)
+    info = FeedInfo(model=stream.model, mode=stream.mode, window_s=stream.window_s, hop_s=stream.hop_s,
+                    bands=monitor.bands.to_dict())
+    served = serve_parts(feed, where, info, endpoints=endpoints, notify=notify)
+    monitor.feed, monitor.metrics, monitor.sites = served.feed, served.metrics, served.sites
+    monitor.sinks += served.sinks
 
 
 async def run_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, scoring: LoadedScorer | None = None,

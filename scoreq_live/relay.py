@@ -4,7 +4,7 @@ Monitors publish their events to Redis (``--publish``, see
 :mod:`scoreq_live.sinks.redis`); the relay subscribes, turns each envelope
 back into an event, names its stream ``MONITOR/STREAM`` and publishes it on a
 local event bus read by the same feed server (websockets, browser panel) and
-``/metrics`` a monitor has.
+``/metrics`` a monitor has, assembled the same way (:func:`~scoreq_live.monitor.serve_parts`).
 
 :class:`Relay` is the part without sockets: envelopes in, events out, and per
 monitor the exact count of events it did not get, from the sequence
@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import AlertChange, Event, Mode, MonitorGap, StreamStarted, event_from_dict
 from scoreq_live.errors import ConfigError
-from scoreq_live.monitor import FeedOptions, Notify, _feed_addresses
+from scoreq_live.monitor import FeedOptions, Notify, listen_addresses, serve_parts
 from scoreq_live.signals import stop_on_signals, wait_stopped
 from scoreq_live.sinks.base import Sink, close_sinks, start_sinks
 from scoreq_live.sinks.redis import Backoff, BrokerAddress, broker_errors, connect, parse_broker_url
@@ -187,38 +187,31 @@ class RelayServer:
     def __init__(self, opts: RelayOptions, notify: Notify | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         from scoreq_live.sinks.bands import Bands
-        from scoreq_live.sinks.feed import FeedHub, FeedInfo
+        from scoreq_live.sinks.feed import FeedInfo
         from scoreq_live.sinks.jsonl import JsonlSink
-        from scoreq_live.sinks.metrics import MetricsSink
-        from scoreq_live.sinks.server import FeedServer
 
         if not opts.subscribe:
             raise ConfigError("feed needs --subscribe redis://HOST:6379/CHANNEL (repeatable)")
         self.addresses: list[BrokerAddress] = [parse_broker_url(u, "--subscribe") for u in opts.subscribe]
-        ws, http = _feed_addresses(opts.feed)
-        if ws is None and http is None:
+        where = listen_addresses(opts.feed)
+        if not where.feed:
             raise ConfigError("feed needs somewhere to serve: --ws HOST:PORT and/or --http HOST:PORT")
         self.options = opts
         self.notify = notify or (lambda line: None)
         self.clock = clock
         self.relay = Relay()
         self.brokers: dict[str, bool] = {str(a): False for a in self.addresses}
-        self.hub = FeedHub(FeedInfo(model="", mode=opts.mode, window_s=0.0, hop_s=0.0,
-                                    bands=Bands.parse(opts.bands, opts.mode).to_dict()), history_s=opts.feed.history_s)
-        self.metrics: MetricsSink | None = None
+        info = FeedInfo(model="", mode=opts.mode, window_s=0.0, hop_s=0.0,
+                        bands=Bands.parse(opts.bands, opts.mode).to_dict())
+        served = serve_parts(opts.feed, where, info, metrics_model="relay", notify=self.notify)
+        assert served.feed is not None  # where.feed: it is served
+        self.feed, self.hub, self.metrics, self.sites = served.feed, served.feed.hub, served.metrics, served.sites
+        if self.metrics is not None:
+            self.metrics.registry.register(_RelayMetrics(self.relay, self.brokers, opts.heartbeat_timeout_s, clock))
         self.sinks: list[Sink] = []
         if opts.jsonl:
             self.sinks.append(JsonlSink(opts.jsonl))
-        if http is not None:
-            self.metrics = MetricsSink("relay", opts.mode)
-            self.metrics.watch_feed(self.hub)
-            self.metrics.registry.register(_RelayMetrics(self.relay, self.brokers, opts.heartbeat_timeout_s, clock))
-            self.sinks.append(self.metrics)
-        f = opts.feed
-        self.feed = FeedServer(self.hub, ws, http, ws_required=f.ws_required, token=f.token,
-                               allowed_origins=f.allowed_origins, max_clients=f.max_clients,
-                               metrics=self.metrics.render if self.metrics else None, notify=self.notify)
-        self.sinks.append(self.feed)
+        self.sinks += served.sinks
         self._models: list[str] = []
         self.ping_s = 10.0  # a subscription quiet this long is pinged; no answer in as long again: reconnect
 
@@ -234,19 +227,23 @@ class RelayServer:
 
     async def run(self) -> None:
         """Serve until SIGINT/SIGTERM (or the duration)."""
+        from scoreq_live.http.site import serving
+
         bus = EventBus()
-        sink_tasks = await start_sinks(self.sinks, bus)
-        subscribers = [asyncio.create_task(self._subscribe(a, bus), name=f"subscribe {a}") for a in self.addresses]
-        stopped = asyncio.Event()
-        try:
-            with stop_on_signals(stopped.set):
-                await wait_stopped(stopped, self.options.duration)
-        finally:
-            for t in subscribers:
-                t.cancel()
-            await asyncio.gather(*subscribers, return_exceptions=True)
-            bus.close()
-            await close_sinks(self.sinks, sink_tasks)
+        async with serving(self.sites):
+            sink_tasks = await start_sinks(self.sinks, bus)
+            subscribers = [asyncio.create_task(self._subscribe(a, bus), name=f"subscribe {a}")
+                           for a in self.addresses]
+            stopped = asyncio.Event()
+            try:
+                with stop_on_signals(stopped.set):
+                    await wait_stopped(stopped, self.options.duration)
+            finally:
+                for t in subscribers:
+                    t.cancel()
+                await asyncio.gather(*subscribers, return_exceptions=True)
+                bus.close()
+                await close_sinks(self.sinks, sink_tasks)
 
     def publish(self, data: bytes | str, bus: EventBus) -> None:
         """One message from a broker onto the bus."""

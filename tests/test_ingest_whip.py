@@ -1,7 +1,7 @@
 """WebRTC publishers through WHIP: real aiortc peers on loopback, the real engine, real models.
 
-The endpoint runs in-process here (an aiohttp application with the ingest
-routes, the engine, a real model) so that the tests can look at the sessions,
+The endpoint runs in-process here (an HTTP site with the ingest routes,
+the engine, a real model) so that the tests can look at the sessions,
 file descriptors and memory; tests/test_cli_publish.py runs the same through
 the ``scoreq-live monitor`` process a user starts.
 """
@@ -26,12 +26,13 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile as sf
-from aiohttp import web
 from aiortc import RTCPeerConnection
 
 from scoreq_live.bus import EventBus
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.engine import Engine, EngineConfig
+from scoreq_live.http.policy import Listen, SitePolicy
+from scoreq_live.http.site import HttpSite
 from scoreq_live.ingest.http import IngestRoutes
 from scoreq_live.ingest.ice import gathering_on
 from scoreq_live.ingest.whip import WhipIngest, WhipSettings
@@ -39,7 +40,6 @@ from scoreq_live.offline import window_results
 from scoreq_live.scoring.catalogue import resolve_model
 from scoreq_live.scoring.scorer import Scorer
 from scoreq_live.scoring.session import OnnxModel
-from scoreq_live.sinks.policy import FeedPolicy, Listen
 from tests import rtp_tools as rt
 from tests.helpers import MUSHRA, joined
 from tests.whip_tools import publish
@@ -72,16 +72,11 @@ async def endpoint(scorer: Scorer, stream: StreamConfig, *, token: str | None = 
     """The WHIP routes on 127.0.0.1 (a free port) in front of a running engine."""
     settings.setdefault("ice_hosts", ("127.0.0.1",))
     whip = WhipIngest(WhipSettings(**settings))
-    app = web.Application(client_max_size=1 << 20)
-    where: list[Listen] = []
-    policy = FeedPolicy(token=token, allowed_origins=frozenset(origins))
-    IngestRoutes(whip).add_routes(app, lambda: policy, lambda: where[0] if where else None)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = HttpSite(Listen("127.0.0.1", 0), SitePolicy(token=token, allowed_origins=frozenset(origins)))
+    site.add(IngestRoutes(whip))
     await site.start()
-    port = runner.addresses[0][1]
-    where.append(Listen("127.0.0.1", port))
+    assert site.address is not None
+    port = site.address.port
     bus = EventBus()
     sub = bus.subscribe(maxsize=100_000)
     engine = Engine(scorer, [whip], EngineConfig(stream=stream, max_batch=8), bus)
@@ -100,7 +95,7 @@ async def endpoint(scorer: Scorer, stream: StreamConfig, *, token: str | None = 
         engine.stop()
         await asyncio.wait_for(run, 30)
         await asyncio.wait_for(collector, 10)
-        await runner.cleanup()
+        await site.close()
 
 
 @pytest.fixture(scope="module")

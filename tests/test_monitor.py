@@ -7,7 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from scoreq_live.core.alerts import RuleError
 from scoreq_live.errors import ConfigError, ScoreqLiveError
-from scoreq_live.monitor import FeedOptions, MonitorOptions, build_monitor
+from scoreq_live.http.routes import MetricsRoutes, PanelRoutes
+from scoreq_live.ingest.http import IngestRoutes
+from scoreq_live.monitor import FeedOptions, IngestOptions, MonitorOptions, build_monitor
 from scoreq_live.scoring.load import ScoringOptions, load_scorer
 from scoreq_live.sinks.base import Sink
 from scoreq_live.sinks.jsonl import JsonlSink
@@ -58,8 +60,19 @@ def test_the_builder_returns_every_part_the_options_ask_for(loaded, tmp_path):
     assert isinstance(m.feed, FeedServer) and isinstance(m.metrics, MetricsSink)
     assert [type(s) for s in m.sinks] == [JsonlSink, MetricsSink, FeedServer]
     assert m.feed.hub.info.bands == {"good": 4.2, "fair": 3.2, "lower_is_better": False}
+    (site,) = m.sites  # --http: one site, where every part adds its routes
+    assert [type(p) for p in site.parts] == [PanelRoutes, MetricsRoutes, FeedServer, IngestRoutes]
+    assert m.feed.sites == [site] and site.policy.allowed_origins == {"http://x"}
     no_feed = build_monitor(MonitorOptions(inputs=[DEMO]), scoring=loaded)
-    assert no_feed.feed is None and no_feed.metrics is None and no_feed.sinks == []
+    assert no_feed.feed is None and no_feed.metrics is None and no_feed.sinks == [] and no_feed.sites == []
+
+
+def test_publishers_alone_get_a_site_of_their_own_and_no_feed(loaded):
+    m = build_monitor(MonitorOptions(ingest=IngestOptions(listen="127.0.0.1:0")), scoring=loaded)
+    assert m.feed is None and m.metrics is None and m.sinks == []
+    (site,) = m.sites
+    assert [type(p) for p in site.parts] == [IngestRoutes] and site.flag == "--whip"
+    assert [s.name for s in m.sources] == ["webrtc", "media"]
 
 
 def test_linger_defaults_to_until_stopped_only_for_a_feed_the_user_asked_for():
@@ -120,3 +133,12 @@ def test_the_command_line_sets_the_latency_budget():
 
     assert opts().max_latency_s is None  # the default: the hop plus twice the recent model run time
     assert opts("--max-latency", "1.5").max_latency_s == 1.5
+
+
+def test_the_token_reaches_the_publishers_site_without_a_feed(loaded):
+    from scoreq_live.cli import build_parser, monitor_options
+
+    opts = monitor_options(build_parser().parse_args(["monitor", "--no-ws", "--whip", "0.0.0.0:0", "--token", "T"]))
+    m = build_monitor(opts, scoring=loaded)
+    (site,) = m.sites
+    assert m.feed is None and site.policy.token == "T" and opts.linger_s == 0

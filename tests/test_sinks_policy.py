@@ -1,35 +1,40 @@
-"""The feed servers' request policy with plain data: no socket, no event loop, no sleep.
+"""The HTTP policy (a site's and the feed's) with plain data: no socket, no event loop, no sleep.
 
-Every refusal and every acceptance the servers make before a websocket upgrade,
-decided from a request (method, path, headers), the settings and the client count.
+Every refusal and every acceptance a site and the feed make before a websocket
+upgrade, decided from a request (method, path, headers), the settings and the
+client count.
 """
 
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
 from scoreq_live.errors import ScoreqLiveError
-from scoreq_live.sinks import server
-from scoreq_live.sinks.feed import MAX_SUBSCRIBED
-from scoreq_live.sinks.policy import (
-    PANEL_DIR,
-    FeedPolicy,
+from scoreq_live.http.policy import (
+    TOKEN_ENV,
     HttpRequest,
     Listen,
     ServeError,
+    SitePolicy,
     content_type,
+    files_request,
     parse_listen,
     response,
     static_file,
-    subscription,
+    unrouted,
 )
+from scoreq_live.sinks import server
+from scoreq_live.sinks.feed import MAX_SUBSCRIBED
+from scoreq_live.sinks.policy import PANEL_DIR, FeedPolicy, subscription
 
 LOCAL_WS, LOCAL_HTTP = Listen("127.0.0.1", 8765), Listen("127.0.0.1", 8080)
-LOCAL = FeedPolicy(ws=LOCAL_WS, http=LOCAL_HTTP, panel_port=8080)
-PUBLIC = FeedPolicy(token="s3cret", ws=Listen("0.0.0.0", 8765), http=Listen("0.0.0.0", 8080), panel_port=8080)
+PUBLIC_HTTP = Listen("0.0.0.0", 8080)
+LOCAL = FeedPolicy(ws=LOCAL_WS, panel_port=8080)
+PUBLIC = FeedPolicy(token="s3cret", ws=Listen("0.0.0.0", 8765), panel_port=8080)
 
 
 def req(path, method="GET", **headers):
@@ -43,8 +48,22 @@ def ws(policy, path="/", clients=0, **headers):
     return policy.ws_request(req(path, **headers), clients=clients)
 
 
-def http(policy, path, method="GET", clients=0, metrics=None, **headers):
-    return policy.http_request(req(path, method, **headers), clients=clients, metrics=metrics)
+def route(policy, request, clients, metrics, panel):
+    """The decision of the route a path goes to on a site with the panel, ``/metrics`` and the feed."""
+    path = urlsplit(request.path).path
+    if path == "/ws":
+        return policy.feed_request(request, clients, http=True)
+    if path == "/metrics":
+        return policy.metrics_request(request, metrics)
+    if path in ("/", "/index.html") or path.startswith("/static/"):
+        return files_request(request, panel)
+    return unrouted(request)
+
+
+def http(policy, path, method="GET", clients=0, metrics=None, panel=PANEL_DIR, where=LOCAL_HTTP, **headers):
+    """What such a site (on ``where``) answers before an upgrade: its Host check first, then the route's."""
+    r = req(path, method, **headers)
+    return policy.check_host(r, where) or route(policy, r, clients, metrics, panel)
 
 
 def text(resp):
@@ -86,10 +105,12 @@ def test_loopback_addresses_and_their_text():
     assert str(Listen("::1", 80)) == "[::1]:80" and str(Listen("127.0.0.1", 80)) == "127.0.0.1:80"
 
 
-def test_the_server_module_still_exports_what_the_command_line_imports():
-    assert server.Listen is Listen and server.parse_listen is parse_listen and server.ServeError is ServeError
+def test_the_names_the_command_line_and_the_feed_use():
+    from scoreq_live.http.site import DEFAULT_HTTP_PORT
+
+    assert server.Listen is Listen and server.ServeError is ServeError  # FeedServer's own signature names them
     assert issubclass(ServeError, ScoreqLiveError)
-    assert (server.TOKEN_ENV, server.DEFAULT_WS_PORT, server.DEFAULT_HTTP_PORT) == ("SCOREQ_LIVE_TOKEN", 8765, 8080)
+    assert (TOKEN_ENV, server.DEFAULT_WS_PORT, DEFAULT_HTTP_PORT) == ("SCOREQ_LIVE_TOKEN", 8765, 8080)
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -97,8 +118,9 @@ def test_the_server_module_still_exports_what_the_command_line_imports():
 
 def test_settings_are_normalised_and_frozen():
     p = FeedPolicy(token="", allowed_origins=frozenset({" HTTPS://Noc.Example.com/ "}))
-    assert p.token is None and p.allowed_origins == {"https://noc.example.com"}
-    assert p.panel_dir == PANEL_DIR and p.max_clients == 256
+    assert p.token is None and p.allowed_origins == {"https://noc.example.com"} and p.max_clients == 256
+    site = SitePolicy(token="", allowed_origins=[" HTTPS://Noc.Example.com/ "])
+    assert FeedPolicy.under(site, max_clients=3) == replace(p, max_clients=3)  # the feed under a site's rules
     with pytest.raises(AttributeError):
         p.token = "x"  # type: ignore[misc]
     assert replace(p, max_clients=3).allowed_origins == p.allowed_origins  # replace() keeps it normalised
@@ -135,7 +157,7 @@ def test_a_loopback_server_refuses_other_names(host):
 
 def test_the_host_check_is_for_loopback_servers_only():
     assert ws(PUBLIC, "/?token=s3cret", Host="feed.example.org:8765") is None
-    assert http(PUBLIC, "/", Host="feed.example.org:8080").status_code == 200
+    assert http(PUBLIC, "/", Host="feed.example.org:8080", where=PUBLIC_HTTP).status_code == 200
     assert http(LOCAL, "/", Host=None).status_code == 200  # HTTP/1.0 without Host: nothing to rebind
     no_address = FeedPolicy()
     assert no_address.check_host(req("/", Host="evil.example"), None).status_code == 403  # unknown: strict
@@ -208,8 +230,8 @@ def test_the_token_is_compared_in_constant_time(monkeypatch):
 
 
 def test_the_panel_files_need_no_token(panel):
-    p = replace(PUBLIC, panel_dir=panel)
-    assert http(p, "/").status_code == 200 and http(p, "/static/panel.js").status_code == 200
+    assert http(PUBLIC, "/", panel=panel).status_code == 200
+    assert http(PUBLIC, "/static/panel.js", panel=panel).status_code == 200
 
 
 # --- ?streams=, client count --------------------------------------------------------------------
@@ -234,7 +256,7 @@ def test_too_many_clients_is_503_with_retry_after():
 
 
 def test_the_order_of_the_checks():
-    p = replace(PUBLIC, max_clients=1, ws=LOCAL_WS, http=LOCAL_HTTP)
+    p = replace(PUBLIC, max_clients=1, ws=LOCAL_WS)
     bad_all = dict(Host="evil.example", Origin="http://evil.example")
     assert ws(p, "/?streams=" + "x" * 10_000, clients=5, **bad_all).status_code == 403  # Host first
     assert "origin" in text(ws(p, "/?streams=" + "x" * 10_000, clients=5, Origin="http://evil.example"))
@@ -276,16 +298,15 @@ def test_metrics(panel):
 
 
 def test_the_index_page(panel):
-    p = replace(LOCAL, panel_dir=panel)
     for path in ("/", "/index.html", "/?token=x", "/index.html?x=1#frag"):
-        resp = http(p, path)
+        resp = http(LOCAL, path, panel=panel)
         assert resp.status_code == 200 and resp.body.startswith(b"<!doctype html>")
         assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
         assert resp.headers["Referrer-Policy"] == "no-referrer"  # a ?token= in the page URL must not leak
         assert resp.headers["X-Content-Type-Options"] == "nosniff" and resp.headers["Cache-Control"] == "no-store"
         assert resp.headers["Content-Length"] == str(len(resp.body)) and resp.headers["Connection"] == "close"
-    assert "Referrer-Policy" not in http(p, "/static/panel.js").headers
-    assert http(replace(p, panel_dir=panel / "vendor"), "/").status_code == 404  # a panel folder without it
+    assert "Referrer-Policy" not in http(LOCAL, "/static/panel.js", panel=panel).headers
+    assert http(LOCAL, "/", panel=panel / "vendor").status_code == 404  # a panel folder without it
 
 
 def test_the_default_panel_folder_has_an_index():
@@ -294,23 +315,21 @@ def test_the_default_panel_folder_has_an_index():
 
 
 def test_static_files_and_their_types(panel):
-    p = replace(LOCAL, panel_dir=panel)
     for path, ctype, body in (("/static/panel.js", "text/javascript; charset=utf-8", b"console.log('hi')"),
                               ("/static/panel.css", "text/css; charset=utf-8", b"body{}"),
                               ("/static/vendor/lib.min.js", "text/javascript; charset=utf-8", b"var x"),
                               ("/static/vendor%2flib.min.js", "text/javascript; charset=utf-8", b"var x"),
                               ("/static/inside.js", "text/javascript; charset=utf-8", b"console.log('hi')")):
-        resp = http(p, path)
+        resp = http(LOCAL, path, panel=panel)
         assert (resp.status_code, resp.headers["Content-Type"], resp.body) == (200, ctype, body), path
         assert resp.headers["Content-Length"] == str(len(body))
 
 
 def test_head_has_the_headers_of_get_and_no_body(panel):
-    p = replace(LOCAL, panel_dir=panel)
-    get, head = http(p, "/static/panel.js"), http(p, "/static/panel.js", "HEAD")
+    get, head = http(LOCAL, "/static/panel.js", panel=panel), http(LOCAL, "/static/panel.js", "HEAD", panel=panel)
     assert head.status_code == 200 and head.body == b"" and head.headers["Content-Length"] == "17"
     assert head.headers["Content-Type"] == get.headers["Content-Type"]
-    missing = http(p, "/nothing", "HEAD")
+    missing = http(LOCAL, "/nothing", "HEAD", panel=panel)
     assert missing.status_code == 404 and missing.body == b"" and missing.headers["Content-Length"] == "10"
 
 
@@ -321,7 +340,7 @@ def test_head_has_the_headers_of_get_and_no_body(panel):
     "/nothing", "/index.htm", "/static", "/panel.js", "/metrics/", "/ws/",
 ])
 def test_not_found(panel, path):
-    resp = http(replace(LOCAL, panel_dir=panel), path)
+    resp = http(LOCAL, path, panel=panel)
     assert resp.status_code == 404 and text(resp) == "not found\n", path
 
 

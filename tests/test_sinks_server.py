@@ -1,4 +1,4 @@
-"""The feed over real sockets on 127.0.0.1: real websocket clients, real HTTP requests.
+"""The feed and the HTTP sites over real sockets on 127.0.0.1: real websocket clients, real HTTP requests.
 
 Every test starts its own servers on free ports and bounds its waits.
 """
@@ -11,7 +11,6 @@ import os
 import socket
 import statistics
 import time
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp import web
@@ -22,18 +21,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from scoreq_live import __version__
 from scoreq_live.bus import EventBus
 from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamStarted
+from scoreq_live.http.policy import Listen, ServeError, SitePolicy
+from scoreq_live.http.routes import MetricsRoutes, PanelRoutes
+from scoreq_live.http.site import HttpSite, policy_request, web_response
+from scoreq_live.ingest.http import IngestRoutes
+from scoreq_live.ingest.media import MediaIngest
+from scoreq_live.ingest.whip import WhipIngest
 from scoreq_live.sinks.feed import FeedHub, FeedInfo, default_bands
 from scoreq_live.sinks.metrics import MetricsSink
-from scoreq_live.sinks.server import (
-    _BURST_FRAMES,
-    _BURSTS,
-    FeedServer,
-    Listen,
-    ServeError,
-    _FeedConnection,
-    policy_request,
-    web_response,
-)
+from scoreq_live.sinks.policy import PANEL_DIR
+from scoreq_live.sinks.server import _BURST_FRAMES, _BURSTS, FeedServer, _FeedConnection
 
 INFO = FeedInfo(model="distillmos", mode="nr", window_s=7.68, hop_s=1.0, bands=default_bands("nr"))
 LOCAL = Listen("127.0.0.1", 0)
@@ -49,16 +46,63 @@ def score(stream, window, mos=3.5):
                       mos=mos, smoothed=mos, speech=0.9, level_dbfs=-25.0, model="distillmos", latency_ms=80.0)
 
 
+class Served:
+    """A feed and the sites serving it, as the tests read them: the feed's own (``hub``, ``ws_address``...)
+    and the sites' addresses; :meth:`close` closes them as a monitor does (the feed, then the sites)."""
+
+    def __init__(self, feed, http_site, own_site):
+        self.feed, self.http_site, self.own_site = feed, http_site, own_site
+        self.sites = [s for s in (http_site, own_site) if s is not None]
+
+    def __getattr__(self, name):  # hub, clock, _servers, _conns
+        return getattr(self.feed, name)
+
+    @property
+    def ws_address(self):
+        return self.feed.ws_address if self.feed is not None else None
+
+    @property
+    def http_address(self):
+        return self.http_site.address if self.http_site is not None else None
+
+    @property
+    def ingest_address(self):
+        return self.own_site.address if self.own_site is not None else None
+
+    async def close(self):
+        if self.feed is not None:
+            await self.feed.close()
+        for site in self.sites:
+            await site.close()
+
+
+def serve(hub, ws=LOCAL, http=LOCAL, metrics=None, token=None, allowed_origins=(), panel_dir=PANEL_DIR,
+          ingest=None, ingest_listen=None, notify=None, **feed_kw):
+    """The feed on its own websockets (``ws``) and on a site (``http``) with the panel and ``/metrics``, the
+    ``ingest`` routes there and on a site of their own (``ingest_listen``): parts put together by hand."""
+    policy = SitePolicy(token=token, allowed_origins=frozenset(allowed_origins))
+    srv = FeedServer(hub, ws, policy=policy, notify=notify, **feed_kw) if ws or http else None
+    http_site = own_site = None
+    if http is not None:
+        http_site = HttpSite(http, policy, notify=notify).add(PanelRoutes(panel_dir), MetricsRoutes(metrics))
+        http_site.add(*(p for p in (srv, ingest) if p is not None))
+    if ingest_listen is not None:
+        own_site = HttpSite(ingest_listen, policy, flag="--whip", notify=notify).add(ingest)
+    return Served(srv, http_site, own_site)
+
+
 @contextlib.asynccontextmanager
 async def feed(hub_kw=None, metrics=None, **kw):
-    """A running FeedServer on free loopback ports fed by its own bus."""
+    """A running feed on free loopback ports fed by its own bus (the sites listen first, as in a monitor)."""
     hub = FeedHub(INFO, **(hub_kw or {}))
-    kw.setdefault("ws", LOCAL)
-    kw.setdefault("http", LOCAL)
-    srv = FeedServer(hub, metrics=metrics.render if metrics else None, **kw)
-    await srv.start()
+    srv = serve(hub, metrics=metrics.render if metrics else None, **kw)
+    for site in srv.sites:
+        await site.start()
     bus = EventBus()
-    tasks = [asyncio.create_task(srv.run(bus.subscribe(name="FeedServer")))]
+    tasks = []
+    if srv.feed is not None:
+        await srv.feed.start()
+        tasks.append(asyncio.create_task(srv.feed.run(bus.subscribe(name="FeedServer"))))
     if metrics is not None:
         metrics.watch_feed(hub)
         tasks.append(asyncio.create_task(metrics.run(bus.subscribe(name="MetricsSink"))))
@@ -118,16 +162,19 @@ def small_rcvbuf_socket(port):
 
 
 class EchoRoutes:
-    """A tiny ingest: ``POST /whip`` answers its body back and ``GET /media`` a word, both after the server's own
-    Host and token checks (``policy()`` for the server's current rules, ``where()`` for the site's address)."""
+    """A tiny ingest: ``POST /whip`` answers its body back and ``GET /media`` a word, both after the site's token
+    check (the site checks the Host before any route)."""
 
     def __init__(self):
         self.bodies = []
 
-    def add_routes(self, app, policy, where):
+    def listening(self, site):
+        return f"publish: http://{site.address}/whip (WHIP), ws://{site.address}/media (media streams)"
+
+    def add_routes(self, site):
         def refused(request):
-            req, rules = policy_request(request), policy()
-            no = rules.check_host(req, where()) or rules.check_token(req, parse_qs(urlsplit(req.path).query))
+            req = policy_request(request)
+            no = site.policy.check_token(req, req.query)
             return web_response(no) if no is not None else None
 
         async def whip(request):
@@ -140,8 +187,8 @@ class EchoRoutes:
         async def media(request):
             return refused(request) or web.Response(text="media")
 
-        app.router.add_post("/whip", whip)
-        app.router.add_get("/media", media)
+        site.router.add_post("/whip", whip)
+        site.router.add_get("/media", media)
 
 
 # --- fan-out ----------------------------------------------------------------------------------
@@ -362,20 +409,19 @@ async def test_without_the_token_clients_are_refused_with_401():
         assert (await http_get(port, "/static/nope.js"))[0] == 404
 
 
-def test_listening_beyond_loopback_needs_a_token():
+async def test_listening_beyond_loopback_needs_a_token():
     hub = FeedHub(INFO)
     with pytest.raises(ServeError, match="needs a token"):
         FeedServer(hub, ws=Listen("0.0.0.0", 8765))
     with pytest.raises(ServeError, match="needs a token"):
-        FeedServer(hub, ws=LOCAL, http=Listen("::", 8080))
-    FeedServer(hub, ws=Listen("0.0.0.0", 8765), token="t")  # not started: nothing listens
+        HttpSite(Listen("::", 8080))
+    token = SitePolicy(token="t")
+    FeedServer(hub, ws=Listen("0.0.0.0", 8765), policy=token)  # not started: nothing listens
     with pytest.raises(ServeError, match="needs a token"):
-        FeedServer(hub, ws=None, ingest=EchoRoutes(), ingest_listen=Listen("0.0.0.0", 8081))
-    FeedServer(hub, ws=None, ingest=EchoRoutes(), ingest_listen=Listen("0.0.0.0", 8081), token="t")
+        HttpSite(Listen("0.0.0.0", 8081), flag="--whip")
+    HttpSite(Listen("0.0.0.0", 8081), token, flag="--whip").add(EchoRoutes())
     with pytest.raises(ServeError, match="nothing to serve"):
-        FeedServer(hub)
-    with pytest.raises(ServeError, match="nothing to serve"):
-        FeedServer(hub, ws=None, ingest_listen=LOCAL)  # an address for publishers, but no publishers' routes
+        await FeedServer(hub).start()  # no websocket address, and no site serves it
 
 
 async def test_browser_origins_are_checked():
@@ -585,6 +631,7 @@ async def test_ingest_routes_on_the_http_server_and_on_a_site_of_their_own_under
                     notify=lines.append) as (srv, bus):
         http_port, own_port = srv.http_address.port, srv.ingest_address.port
         auth = {"Authorization": "Bearer s3cret"}
+        assert lines.index(f"panel: http://127.0.0.1:{http_port}/  (metrics: /metrics, feed: /ws)") == 0
         for port in (http_port, own_port):
             line = f"publish: http://127.0.0.1:{port}/whip (WHIP), ws://127.0.0.1:{port}/media (media streams)"
             assert line in lines, lines
@@ -610,7 +657,8 @@ async def test_ingest_routes_on_the_http_server_and_on_a_site_of_their_own_under
             assert status == 404 and h["server"] == f"scoreq-live/{__version__}", path
         code, _ = await refused(f"ws://127.0.0.1:{own_port}/ws?token=s3cret")
         assert code == 404
-        assert (await http_get(own_port, "/whip", auth))[0] == 405  # POST only
+        # A method /whip does not take is, as on the panel's site, a request no route takes.
+        assert (await http_get(own_port, "/whip", auth))[0] == 404
         # Beside them, the HTTP server still serves the panel and the feed, and refuses what nobody takes.
         status, h, _ = await http_get(http_port, "/")
         assert status == 200 and h["server"] == f"scoreq-live/{__version__}"
@@ -629,3 +677,23 @@ async def test_a_site_for_publishers_alone():
         assert lines == [f"publish: http://127.0.0.1:{port}/whip (WHIP), ws://127.0.0.1:{port}/media (media streams)"]
         assert (await http_get(port, "/whip", method="POST", body=b"v=0"))[:3:2] == (201, b"v=0")
         assert (await http_get(port, "/"))[0] == 404
+
+
+async def test_the_publishers_endpoints_say_where_they_are_and_take_their_own_methods():
+    lines = []
+    site = HttpSite(LOCAL, flag="--whip", notify=lines.append).add(IngestRoutes(WhipIngest(), MediaIngest()))
+    await site.start()
+    try:
+        port = site.address.port
+        assert lines == [f"publish: http://127.0.0.1:{port}/whip (WHIP), ws://127.0.0.1:{port}/media (media streams)"]
+        status, h, body = await http_get(port, "/whip")
+        assert status == 405 and h["allow"] == "POST, OPTIONS" and b"WHIP" in body
+        status, h, body = await http_get(port, "/whip", {"Host": f"attacker.example:{port}"})
+        assert status == 403 and b"host" in body  # the site checks the Host before any route
+        status, h, body = await http_get(port, "/media", method="POST")
+        assert status == 405 and h["allow"] == "GET, HEAD" and h["server"] == f"scoreq-live/{__version__}"
+        for path in ("/", "/ws", "/metrics", "/nothing"):
+            status, _, body = await http_get(port, path)
+            assert (status, body) == (404, b"not found\n"), path
+    finally:
+        await site.close()

@@ -1,10 +1,11 @@
 """The HTTP side of the ingest endpoints: WHIP (``/whip``) and media-stream websockets (``/media``).
 
-:class:`IngestRoutes` adds its routes to the HTTP server's aiohttp application
-(``--http``, beside the panel) or to a server of their own (``--whip``).  The
-same rules as for the feed apply, decided by the feed's
-:class:`~scoreq_live.sinks.policy.FeedPolicy`: a loopback server answers to
-loopback names only (DNS rebinding), a token is required when one is set
+:class:`IngestRoutes` is a part (:class:`~scoreq_live.http.site.Routes`) of
+an HTTP site: the ``--http`` site, beside the panel, or a site of its own
+(``--whip``).  The same rules as for the feed apply, decided by the site's
+:class:`~scoreq_live.http.policy.SitePolicy`: a loopback site answers to
+loopback names only (DNS rebinding; the site checks that before any route),
+a token is required when one is set
 (``Authorization: Bearer``, the way RFC 9725 authenticates WHIP clients, or
 ``?token=``), and a browser page may publish only from the panel's own origin
 or an ``--allowed-origin``; the CORS preflight (``OPTIONS``) says so to the
@@ -17,14 +18,14 @@ in the offer, as browsers do once gathering completes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from aiohttp import web
 
+from scoreq_live.http.policy import SitePolicy
+from scoreq_live.http.site import HttpSite, policy_request, web_response
 from scoreq_live.ingest.whip import WhipError, WhipIngest
-from scoreq_live.sinks.policy import FeedPolicy, Listen
-from scoreq_live.sinks.server import policy_request, web_response
 from scoreq_live.sources.base import StreamSet
 
 __all__ = ["IngestRoutes", "MediaEndpoint"]
@@ -58,31 +59,37 @@ class IngestRoutes:
         """The endpoints as the engine's inputs (stream sets whose streams are the publishers)."""
         return [i for i in (self.whip, self.media) if isinstance(i, StreamSet)]
 
-    def add_routes(self, app: web.Application, policy: Callable[[], FeedPolicy],
-                   where: Callable[[], Listen | None]) -> None:
-        """Add the ingest routes to ``app``: ``policy()`` decides access; ``where()`` is this server's address."""
+    def add_routes(self, site: HttpSite) -> None:
+        """Add the ingest routes to ``site``, whose policy decides access (the site has checked the Host)."""
+        policy = site.policy
         if self.whip is not None:
-            endpoint = _WhipEndpoint(self.whip, policy, where)
-            app.router.add_route("*", "/whip", endpoint.collection)
-            app.router.add_route("*", "/whip/{session}", endpoint.resource)
+            endpoint = _WhipEndpoint(self.whip, policy)
+            site.router.add_route("*", "/whip", endpoint.collection)
+            site.router.add_route("*", "/whip/{session}", endpoint.resource)
         if self.media is not None:
             media = self.media
 
             async def media_route(request: web.Request) -> web.StreamResponse:
-                refused = _check(request, policy(), where(), cors=False)
+                refused = _check(request, policy, cors=False)
                 if refused is not None:
                     return refused
                 return await media.accept(request)
 
-            app.router.add_get("/media", media_route)
+            site.router.add_get("/media", media_route)
+
+    def listening(self, site: HttpSite) -> str | None:
+        """``publish: ...``: where publishers send their streams on ``site``."""
+        parts = []
+        if self.whip is not None:
+            parts.append(f"http://{site.address}/whip (WHIP)")
+        if self.media is not None:
+            parts.append(f"ws://{site.address}/media (media streams)")
+        return "publish: " + ", ".join(parts) if parts else None
 
 
-def _check(request: web.Request, policy: FeedPolicy, where: Listen | None, cors: bool) -> web.Response | None:
-    """Host, Origin and token, in that order; a refusal or None."""
+def _check(request: web.Request, policy: SitePolicy, cors: bool) -> web.Response | None:
+    """Origin and token, in that order (the site checked the Host first); a refusal or None."""
     req = policy_request(request)
-    refused = policy.check_host(req, where)
-    if refused is not None:
-        return web_response(refused)
     origin = request.headers.get("Origin")
     if origin is not None and not policy.origin_allowed(origin, request.headers.get("Host"), http=True):
         return _reply(403, f"origin {origin!r} may not publish here; add it with --allowed-origin")
@@ -101,23 +108,17 @@ def _cors(origin: str) -> dict[str, str]:
 
 
 class _WhipEndpoint:
-    def __init__(self, whip: WhipIngest, policy: Callable[[], FeedPolicy], where: Callable[[], Listen | None]):
+    def __init__(self, whip: WhipIngest, policy: SitePolicy):
         self.whip = whip
         self.policy = policy
-        self.where = where
 
     def _preflight(self, request: web.Request, methods: str) -> web.Response:
-        req = policy_request(request)
-        pol = self.policy()
-        refused = pol.check_host(req, self.where())
-        if refused is not None:
-            return web_response(refused)
         headers = {"Allow": methods}
         if request.path == "/whip":
             headers["Accept-Post"] = SDP
         origin = request.headers.get("Origin")
         if origin is not None:
-            if not pol.origin_allowed(origin, request.headers.get("Host"), http=True):
+            if not self.policy.origin_allowed(origin, request.headers.get("Host"), http=True):
                 return _reply(403, f"origin {origin!r} may not publish here; add it with --allowed-origin")
             headers.update(_cors(origin))
             headers["Access-Control-Allow-Methods"] = methods
@@ -131,7 +132,7 @@ class _WhipEndpoint:
             return self._preflight(request, "POST, OPTIONS")
         if request.method != "POST":
             return _reply(405, "POST an SDP offer here (WHIP)", {"Allow": "POST, OPTIONS"})
-        refused = _check(request, self.policy(), self.where(), cors=True)
+        refused = _check(request, self.policy, cors=True)
         if refused is not None:
             return refused
         origin = request.headers.get("Origin")
@@ -168,7 +169,7 @@ class _WhipEndpoint:
             return self._preflight(request, methods)
         if request.method not in ("DELETE", "PATCH"):
             return _reply(405, "DELETE ends the session", {"Allow": methods})
-        refused = _check(request, self.policy(), self.where(), cors=True)
+        refused = _check(request, self.policy, cors=True)
         if refused is not None:
             return refused
         origin = request.headers.get("Origin")
