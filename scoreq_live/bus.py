@@ -24,6 +24,11 @@ class Subscription(AsyncDropOldest[Event]):
         self._bus = bus
         self.name = name
 
+    @property
+    def bus(self) -> EventBus:
+        """The bus this subscription reads (an output publishes its own status events there)."""
+        return self._bus
+
     def __aiter__(self) -> Subscription:
         return self
 

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from scoreq_live import __version__
@@ -23,6 +24,7 @@ from scoreq_live.errors import ScoreqLiveError
 if TYPE_CHECKING:
     from scoreq_live.monitor import FeedOptions, MonitorOptions
     from scoreq_live.scoring.load import ScoringOptions
+    from scoreq_live.sinks.base import Sink
 
 COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench", "feed")
 
@@ -286,6 +288,15 @@ def cmd_monitor(a: argparse.Namespace) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         pass
+    return _outputs_status(monitor.sinks)
+
+
+def _outputs_status(sinks: Sequence[Sink]) -> int:
+    """1 when an output could not write every event (each said so when it happened), else 0."""
+    lost = sum(s.lost for s in sinks)
+    if lost:
+        print(f"scoreq-live: {lost} events were not written by the outputs (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -400,7 +411,7 @@ def cmd_feed(a: argparse.Namespace) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         pass
-    return 0
+    return _outputs_status(relay.sinks)
 
 
 def cmd_models(a: argparse.Namespace) -> int:

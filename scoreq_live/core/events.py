@@ -273,6 +273,29 @@ class BackendStatus(Event):
         return d
 
 
+OutputState = Literal["failed", "recovered", "closed"]
+"""An output's state: it cannot write (events are counted as lost), it can again, it stopped for good."""
+
+
+@dataclass
+class OutputStatus(Event):
+    """An output (``--jsonl``, ...) failed to write, recovered, or stopped for good; monitor-wide (``stream`` "").
+
+    Sent on every change only.  ``output`` names the output, ``target`` where
+    it writes (a path, ``-`` for stdout), ``error`` what went wrong, ``lost``
+    how many events it has not written so far (never silently: each is
+    counted).  ``closed``: the reader went away (a closed pipe), the output
+    ends and scoring goes on.
+    """
+
+    type: ClassVar[str] = "output"
+    output: str = ""
+    target: str = ""
+    state: OutputState = "failed"
+    error: str = ""
+    lost: int = 0
+
+
 def state_after(ev: Event) -> StreamState | None:
     """The state a stream is in after ``ev``, or None when the event does not change it.
 

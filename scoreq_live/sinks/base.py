@@ -26,6 +26,8 @@ class Sink(abc.ABC):
     the end.  Only :meth:`run` is required.
     """
 
+    lost = 0  # events this output could not deliver (each output reports its own failures as it has them)
+
     async def start(self) -> None:  # noqa: B027 (an optional hook: most sinks acquire nothing)
         """Acquire what the sink needs before streams start; raise a ScoreqLiveError if it cannot."""
 

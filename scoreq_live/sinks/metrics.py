@@ -26,6 +26,7 @@ from scoreq_live.core.events import (
     ClearedEvent,
     Event,
     InputDropped,
+    OutputStatus,
     ScoreEvent,
     state_after,
 )
@@ -122,6 +123,10 @@ class MetricsSink(Sink):
                             "window's packets", per, registry=r)
         self.r_factor = Gauge("scoreq_live_r_factor", "E-model (ITU-T G.107) R factor of the latest window, from "
                               "codec and loss", per, registry=r)
+        self.output_failed = Gauge("scoreq_live_output_failed", "1 while an output (jsonl, ...) cannot write (or its "
+                                   "reader has gone), else 0", ["output"], registry=r)
+        self.output_lost = Gauge("scoreq_live_output_lost_events", "Events an output has not written so far (as of "
+                                 "its latest state change)", ["output"], registry=r)
         self.score = Gauge("scoreq_live_score", "Every named score of the model (score events' scores) in the "
                            "latest scored window; the primary one is also scoreq_live_mos / _distance",
                            ["stream", "score"], registry=r)
@@ -173,6 +178,10 @@ class MetricsSink(Sink):
         s = ev.stream
         if isinstance(ev, BackendStatus):
             self.backend_up.labels(ev.backend).set(1 if ev.state == "up" else 0)
+            return
+        if isinstance(ev, OutputStatus):
+            self.output_failed.labels(ev.output).set(0 if ev.state == "recovered" else 1)
+            self.output_lost.labels(ev.output).set(ev.lost)
             return
         if isinstance(ev, ScoreEvent):
             if ev.reason == "backend_unavailable":

@@ -26,6 +26,7 @@ from scoreq_live.core.events import (
     Event,
     InputDropped,
     Mode,
+    OutputStatus,
     ScoreEvent,
     StreamError,
     StreamStarted,
@@ -76,6 +77,7 @@ class PanelState:
         self.rows: dict[str, StreamRow] = {}
         self.alerts: dict[str, AlertEvent] = {}  # id -> the alert, while raised
         self.backend: BackendStatus | None = None  # the scoring backend's latest state (--backend)
+        self.outputs: dict[str, OutputStatus] = {}  # outputs that failed or closed, by name (until they recover)
 
     def row(self, name: str) -> StreamRow:
         if name not in self.rows:
@@ -92,6 +94,14 @@ class PanelState:
         if isinstance(ev, BackendStatus):  # monitor-wide: a line of its own, not a stream's row
             self.backend = ev
             return
+        if isinstance(ev, OutputStatus):
+            if ev.state == "recovered":
+                self.outputs.pop(ev.output, None)
+            else:
+                self.outputs[ev.output] = ev
+            return
+        if not ev.stream:
+            return  # another monitor-wide event: no stream's row
         if isinstance(ev, StreamStarted):
             self.rows.pop(ev.stream, None)  # a stream that starts again starts clean
         r = self.row(ev.stream)
@@ -255,6 +265,15 @@ def render_backend(state: PanelState, now: float | None = None) -> Text | None:
     return line
 
 
+def render_outputs(state: PanelState) -> list[Text]:
+    """A line for each output that cannot write (or whose reader went away)."""
+    lines = []
+    for o in state.outputs.values():
+        what = "closed by its reader, no more events written" if o.state == "closed" else "CANNOT WRITE"
+        lines.append(Text(f"{o.output} {o.target}: {what} — {o.error}", style="bold red"))
+    return lines
+
+
 def render_alerts(state: PanelState) -> Text | None:
     """One line under the table with every raised alert, or None when there is none."""
     if not state.alerts:
@@ -289,8 +308,8 @@ class TerminalSink(Sink):
                         style="yellow") for r in self.state.rows.values() if r.dropped_s]
         alerts = render_alerts(self.state)
         backend = render_backend(self.state)
-        return Group(head, *([backend] if backend else []), render(self.state, self.console.width, self.bands),
-                     *([alerts] if alerts else []), *errors)
+        return Group(head, *([backend] if backend else []), *render_outputs(self.state),
+                     render(self.state, self.console.width, self.bands), *([alerts] if alerts else []), *errors)
 
     async def run(self, events: Subscription) -> None:
         with Live(self.renderable(), console=self.console, refresh_per_second=self.refresh,
