@@ -143,8 +143,9 @@ def open_endpoints(opts: MonitorOptions) -> IngestRoutes | None:
     from scoreq_live.ingest.http import IngestRoutes
     from scoreq_live.ingest.ice import IceError, check_hosts
     from scoreq_live.ingest.media import MediaIngest
-    from scoreq_live.ingest.whip import WhipIngest, WhipSettings
-    from scoreq_live.sources.rtp import DEFAULT_TIMEOUT_S
+    from scoreq_live.ingest.whip import WhipIngest
+    from scoreq_live.sources import InputOptions
+    from scoreq_live.sources import open_endpoints as endpoint_inputs
 
     ing = opts.ingest
     if ing.max_sessions < 1:
@@ -156,10 +157,11 @@ def open_endpoints(opts: MonitorOptions) -> IngestRoutes | None:
         hosts = check_hosts(ing.ice_hosts)
     except IceError as e:
         raise ConfigError(str(e)) from None
-    timeout = opts.rtp_timeout_s or DEFAULT_TIMEOUT_S
-    whip = WhipIngest(WhipSettings(ice_hosts=hosts, stun=tuple(ing.stun), max_sessions=ing.max_sessions,
-                                   timeout_s=timeout))
-    media = MediaIngest(timeout_s=timeout, max_sessions=ing.max_sessions)
+    # The endpoint rows of the input table (sources.SCHEMES), opened with the monitor's settings.
+    endpoints = endpoint_inputs(InputOptions(fast=opts.fast, timeout_s=opts.rtp_timeout_s, ice_hosts=hosts,
+                                             stun=tuple(ing.stun), max_sessions=ing.max_sessions))
+    whip = next((e for e in endpoints if isinstance(e, WhipIngest)), None)
+    media = next((e for e in endpoints if isinstance(e, MediaIngest)), None)
     return IngestRoutes(whip, media)
 
 
@@ -254,7 +256,7 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     scoring = scoring or load_scorer(opts.scoring, progress=progress, fast=opts.fast)
     mode = scoring.mode
     for rule in rules:
-        check_rule_mode(rule, mode)
+        check_rule_mode(rule, mode, scoring.scorer.names)
     bands = Bands.parse(opts.bands, mode)
     monitor = Monitor(opts, sources, scoring, rules, bands)
     if opts.jsonl:
