@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -517,3 +518,54 @@ def test_an_sdp_file_names_the_port_and_the_dynamic_opus_payload_type_for_the_cl
     assert max(abs(a - b) for a, b in levels) < 0.3, levels
     assert max(a for a, _ in levels) - min(a for a, _ in levels) > 2.0  # the levels follow the speech
     assert max(abs(e["mos"] - r.mos) for e, r in zip(scores[:4], ref[:4])) < 0.1
+
+
+async def test_a_stalled_event_loop_neither_ends_nor_splits_live_calls(payloads, tiny_scorer):
+    """The event loop blocked for four times the inactivity timeout while four senders go on: each call is one
+    stream from start to end, nothing of it is lost, and its jitter is the network's (the packets that waited
+    in the kernel carry their receive times), not the stall's."""
+    port = Port("stall")
+    ssrcs = [0x57A11ED0 + k for k in range(4)]
+    names = [f"stall-{ssrc:08x}" for ssrc in ssrcs]
+    n = 1000  # 5 s of 5 ms packets each
+    calls = [packets(payloads, ssrc, n, offset=200 * k) for k, ssrc in enumerate(ssrcs)]
+    stalling = threading.Event()
+    stall_s = 4 * TIMEOUT_S
+
+    def send_all(socks: list[socket.socket], first: int, last: int) -> None:
+        t0 = time.monotonic()
+        for i in range(first, last):
+            for s, pkts in zip(socks, calls):
+                s.sendto(pkts[i], (LOOPBACK, port.number))
+            wait = t0 + (i - first + 1) * PACKET_S - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+
+    def sender() -> float:
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in calls]
+        try:
+            send_all(socks, 0, 100)
+            assert stalling.wait(30), "the loop was never stalled"
+            send_all(socks, 100, n)  # 4.5 s: overlaps the stall by construction
+            return time.time()
+        finally:
+            for s in socks:
+                s.close()
+
+    async with Running(tiny_scorer, [port]) as run:
+        sending = asyncio.create_task(asyncio.to_thread(sender))
+        assert await run.wait_for(lambda: all(run.of(m, StreamStarted) for m in names), 20), run.events
+        stalling.set()
+        time.sleep(stall_s)  # blocks the event loop; the senders go on, their packets wait in the kernel
+        sent = await sending
+        assert await run.wait_for(lambda: run.ended(*names), 20), [type(e).__name__ for e in run.events]
+    assert port.kernel_times == port.received  # every datagram with its kernel receive time (Linux)
+    started = [e.stream for e in run.events if isinstance(e, StreamStarted)]
+    assert sorted(started) == sorted(names), f"calls split: {started}"
+    for ssrc, name in zip(ssrcs, names):
+        ended = run.of(name, StreamEnded)
+        assert len(ended) == 1 and ended[0].reason == "inactive" and ended[0].ts - sent >= TIMEOUT_S - 0.05
+        t = port.totals(ssrc)
+        assert t["expected"] == n and t["lost"] == 0 and t["late"] == 0, t
+        jitter = [e.net.jitter_ms for e in run.of(name, ScoreEvent) if e.net is not None and e.net.received]
+        assert jitter and max(jitter) < 50, jitter  # a 2 s stall read as jitter would be hundreds of ms

@@ -20,6 +20,9 @@ import asyncio
 import collections
 import logging
 import socket
+import struct
+import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,12 @@ DEFAULT_TIMEOUT_S = 5.0
 QUEUE_DATAGRAMS = 4096  # datagrams waiting for the demux per port; more are dropped and counted
 TICK_S = 0.1  # how often silent streams are checked for the timeout
 RCVBUF = 4 << 20  # ask the kernel for a 4 MiB receive buffer: bursts wait there, not in Python
+MAX_READ = 256  # datagrams read per readiness of the socket: a flood cannot hold the event loop for long
+# The kernel's receive time of each datagram (SO_TIMESTAMPNS, Linux): arrival times, jitter and the inactivity
+# timeout follow when a packet really came, not when a late event loop got round to reading it.
+SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None  # also SCM_TIMESTAMPNS (asm-generic)
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
 @dataclass(frozen=True)
@@ -98,18 +107,12 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise SourceError(f"rtp://{host}:{port}: cannot listen: {e.strerror or e}") from None
     sock.setblocking(False)
+    if SO_TIMESTAMPNS is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:  # no kernel timestamps: arrival is when the datagram is read
+            pass
     return sock
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, port: RtpPort) -> None:
-        self.port = port
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.port._received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("rtp port %s: %s", self.port.spec.port, exc)
 
 
 class RtpPort(StreamSet):
@@ -130,6 +133,7 @@ class RtpPort(StreamSet):
         self._ticker = Ticker(TICK_S)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.received = 0  # datagrams taken from the socket
+        self.kernel_times = 0  # of which the kernel said when they arrived
         self.overflow = 0  # datagrams dropped because the demux fell behind
         self.adapter: DemuxAdapter[int, RtpSource] = DemuxAdapter()  # a stream per ssrc
 
@@ -145,13 +149,39 @@ class RtpPort(StreamSet):
         host, port = self._sock.getsockname()[:2]
         return host, port
 
-    def _received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _readable(self) -> None:
+        self._drain(MAX_READ)
+
+    def _drain(self, limit: int) -> int:
+        """Read up to ``limit`` datagrams waiting in the socket (with the kernel's receive times); how many."""
+        sock, loop = self._sock, self._loop
+        assert sock is not None and loop is not None
+        now, wall = loop.time(), time.time()
+        n = 0
+        while n < limit:
+            try:
+                data, ancdata, _flags, addr = sock.recvmsg(65536, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # an ICMP error for something this socket sent: nothing to read
+                log.debug("rtp port %s: %s", self.spec.port, e)
+                continue
+            n += 1
+            at = now
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(cdata)
+                    at = min(now, now - (wall - (sec + nsec * 1e-9)))  # the kernel's wall clock on the loop's
+                    self.kernel_times += 1
+            self._received(data, addr, at)
+        return n
+
+    def _received(self, data: bytes, addr: tuple[str, int], at: float) -> None:
         self.received += 1
         if len(self._backlog) >= self._queue_max:
             self.overflow += 1
             return
-        assert self._loop is not None
-        self._backlog.append((data, addr, self._loop.time()))
+        self._backlog.append((data, addr, at))
         if len(self._backlog) == 1:
             self._ticker.wake()
 
@@ -160,11 +190,17 @@ class RtpPort(StreamSet):
 
     async def streams(self) -> AsyncIterator[Source]:
         self.check()
+        sock = self._sock
+        assert sock is not None
         loop = self._loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=self._sock)
+        loop.add_reader(sock, self._readable)
         try:
             while True:
                 await self._ticker.wait()
+                # What the kernel holds is read before any stream is judged silent: after the loop was
+                # stalled, a call's packets are waiting there (their receive times tell when they came).
+                while self._drain(MAX_READ) == MAX_READ and len(self._backlog) < self._queue_max:
+                    pass
                 backlog, self._backlog = self._backlog, collections.deque()
                 for data, addr, at in backlog:
                     for ev in self.demux.datagram(data, addr, at):
@@ -175,7 +211,7 @@ class RtpPort(StreamSet):
                 for src in self.adapter.new():
                     yield src
         finally:
-            transport.close()
+            loop.remove_reader(sock)
             self.adapter.end_all("stopped")
 
     def _source(self, ssrc: int, stream: RtpStream | None) -> RtpSource:
