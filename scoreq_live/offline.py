@@ -75,11 +75,14 @@ class FileResult:
     dst: str | None = None
     codec: str | None = None
     net: dict[str, Any] | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)  # each named score's mean over scored windows
 
     def to_dict(self) -> dict[str, Any]:
         key = "mos" if self.mode == "nr" else "distance"
         d: dict[str, Any] = {"file": self.file, key: None if self.value is None else round(self.value, 5),
              "duration_s": round(self.duration_s, 3), "windows": self.windows}
+        if self.scores:
+            d["scores"] = {k: None if v is None else round(v, 5) for k, v in self.scores.items()}
         if self.src is not None:
             d.update(src=self.src, dst=self.dst, codec=self.codec, net=self.net)
         if self.error:
@@ -90,10 +93,11 @@ class FileResult:
 def window_results(audio: np.ndarray, scorer: Scorer, config: StreamConfig, name: str = "file") -> list[ScoreEvent]:
     """Score a whole signal as the monitor would see it; return its score events."""
     core = StreamCore(name, config)
+    core.state = scorer.new_state()
     windows = core.feed(audio, 0.0) + core.finish(0.0)
-    values = scorer.score([w.audio for w in windows])
-    for w, v in zip(windows, values):
-        core.resolve(w, float(v))
+    named = scorer.score_named([w.audio for w in windows], [core.state] * len(windows))
+    for w, row in zip(windows, named):
+        core.resolve(w, float(row[0]), None, dict(zip(scorer.names, (float(x) for x in row))))
     return core.drain(0.0, 0.0)
 
 
@@ -116,17 +120,23 @@ def _score_audio(res: FileResult, audio: np.ndarray, scorer: Scorer, config: Str
     events = window_results(audio, scorer, config, name)
     key = "mos" if scorer.mode == "nr" else "distance"
     scored: list[float] = []
+    named: dict[str, list[float]] = {name: [] for name in scorer.names}
     for ev in events:
         v = ev.value
         row: dict[str, Any] = {"t_start": round(ev.t_start, 4), "t_end": round(ev.t_end, 4),
                                key: None if v is None else round(v, 5), "speech": round(ev.speech, 3),
                                "level_dbfs": round(ev.level_dbfs, 1), "reason": ev.reason}
+        if ev.scores is not None:
+            row["scores"] = {k: round(x, 5) for k, x in ev.scores.items()}
+            for k, x in ev.scores.items():
+                named.setdefault(k, []).append(x)
         if net is not None:
             row["net"] = net(ev.t_start, ev.t_end)
         res.windows.append(row)
         if v is not None:
             scored.append(v)
     res.value = float(np.mean(scored)) if scored else None
+    res.scores = {k: (float(np.mean(xs)) if xs else None) for k, xs in named.items()}
     if not scored:
         res.error = "no window with enough speech to score"
 
@@ -235,13 +245,17 @@ def write_csv(results: Sequence[FileResult], path: str) -> None:
     """One row per result; RTP streams of captures add their addresses, codec and network numbers at the end."""
     key = "mos" if (results and results[0].mode == "nr") else "distance"
     rtp = any(r.src is not None for r in results)
+    # A model's named scores beyond the primary one: a column each, after the primary's.
+    extra = list(dict.fromkeys(k for r in results for k in r.scores if k != key))
     with (open(path, "w", newline="") if path != "-" else contextlib.nullcontext(sys.stdout)) as f:
         w = csv.writer(f)
-        w.writerow(["file", key, "duration_s", "windows", "scored_windows", "error"]
+        w.writerow(["file", key, *extra, "duration_s", "windows", "scored_windows", "error"]
                    + (["src", "dst", "codec", *NET_KEYS] if rtp else []))
         for r in results:
             n = sum(1 for x in r.windows if x.get(key) is not None)
-            row: list[Any] = [r.file, "" if r.value is None else f"{r.value:.5f}", f"{r.duration_s:.3f}",
+            means = [r.scores.get(k) for k in extra]
+            row: list[Any] = [r.file, "" if r.value is None else f"{r.value:.5f}",
+                              *("" if m is None else f"{m:.5f}" for m in means), f"{r.duration_s:.3f}",
                               len(r.windows), n, r.error or ""]
             if rtp:
                 net = r.net or {}

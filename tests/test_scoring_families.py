@@ -110,3 +110,26 @@ async def test_score_events_carry_the_named_scores_of_a_real_model(bundled_nr):
     scored = [ev for ev in evs if ev.mos is not None]
     assert scored and all(ev.scores == {"mos": ev.mos} for ev in scored)
     assert all("scores" not in ev.to_dict() for ev in evs if ev.mos is None)
+
+
+def test_offline_results_carry_every_named_score(tiny_nr, monkeypatch, tmp_path):
+    import csv
+    import json
+
+    from scoreq_live.offline import score_file, write_csv, write_json
+
+    monkeypatch.setitem(families.FAMILIES, "counting", Counting)
+    monkeypatch.setattr(Counting, "seen", [], raising=False)
+    spec = dataclasses.replace(resolve_model(str(tiny_nr)), family="counting")
+    scorer = Scorer(OnnxModel(spec, device="cpu"), max_batch=1)
+    res = score_file(SCOREQ_PAIR / "ref.wav", scorer, StreamConfig(window_s=2.0, hop_s=1.0, model="tiny"))
+    scored = [w for w in res.windows if w["mos"] is not None]
+    assert scored and all(set(w["scores"]) == {"mos", "count.windows"} for w in scored)
+    assert res.scores["count.windows"] == np.mean([w["scores"]["count.windows"] for w in scored])
+    assert abs(res.scores["mos"] - res.value) < 1e-9
+    write_csv([res], str(tmp_path / "out.csv"))
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    assert float(rows[0]["count.windows"]) == res.scores["count.windows"]
+    assert list(rows[0])[:3] == ["file", "mos", "count.windows"]
+    write_json([res], str(tmp_path / "out.json"))
+    assert set(json.loads((tmp_path / "out.json").read_text())[0]["scores"]) == {"mos", "count.windows"}
