@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,6 +206,20 @@ async def test_bad_requests_get_a_clear_http_error_and_nothing_else(tiny, speech
             assert r.status == 405 and "POST" in r.headers["Allow"]
         async with http.delete(ep.url + "/nosuchsession", headers=auth) as r:
             assert r.status == 404
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendonly")
+        with gathering_on(["127.0.0.1"]):
+            await pc.setLocalDescription(await pc.createOffer())
+        audio = pc.localDescription.sdp
+        await pc.close()
+        status, text = await post(re.sub(r"m=audio \d+", "m=audio 0", audio), sdp)
+        assert status == 400 and "port 0" in text
+        status, text = await post("\r\n".join(line for line in audio.split("\r\n")
+                                               if not line.startswith("a=fingerprint:")), sdp)
+        assert status == 400 and "fingerprint" in text
+        media = audio[audio.index("m=audio"):]
+        status, text = await post(audio + media * 11, sdp)  # 12 audio sections, no BUNDLE
+        assert status == 400 and "media sections" in text
         assert ep.events == [] and not ep.whip.sessions  # none of that made a stream
 
         # A good publisher still gets in; a second one finds the endpoint full (503, Retry-After).
@@ -220,6 +235,34 @@ async def test_bad_requests_get_a_clear_http_error_and_nothing_else(tiny, speech
             await pub.pc.close()
         await ep.wait(lambda: ep.of("ok", "stream_ended"), 15, "the end of the stream")
         assert [e["type"] for e in ep.events if e["type"] == "stream_error"] == []
+
+
+async def test_concurrent_offers_cannot_pass_the_session_cap_together(tiny):
+    """Ten real offers posted at once to an endpoint that takes three: a place is taken before any await."""
+    scorer, cfg = tiny
+    offers = []
+    for _ in range(10):
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendonly")
+        with gathering_on(["127.0.0.1"]):
+            await pc.setLocalDescription(await pc.createOffer())
+        offers.append(pc.localDescription.sdp)
+        await pc.close()
+    async with endpoint(scorer, cfg, max_sessions=3) as ep, aiohttp.ClientSession() as http:
+        async def post(body: str) -> tuple[int, str]:
+            async with http.post(ep.url, data=body, headers={"Content-Type": "application/sdp"}) as r:
+                return r.status, r.headers.get("Location", "")
+
+        answers = await asyncio.gather(*(post(o) for o in offers))
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [201] * 3 + [503] * 7, statuses
+        assert len(ep.whip.sessions) == 3
+        for status, location in answers:
+            if status == 201:
+                async with http.delete(ep.url.rsplit("/", 1)[0] + location) as r:
+                    assert r.status == 200
+        # The places are free again.
+        assert (await post(offers[0]))[0] == 201
 
 
 def _fds() -> int:

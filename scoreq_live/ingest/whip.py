@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often sessions release due audio and are checked for the timeout
 CLOSE_WAIT_S = 3.0  # how long closing a peer connection may take before it is left to finish on its own
+MAX_MEDIA_SECTIONS = 8  # an offer with more m= sections is refused before it is parsed (each costs ICE and DTLS)
 
 
 class WhipError(ScoreqLiveError):
@@ -141,6 +142,7 @@ class WhipIngest(StreamSet):
         super().__init__(name, "WHIP (WebRTC publishers)")
         self.settings = settings
         self.sessions: dict[str, WhipSession] = {}
+        self._opening = 0  # offers being answered: they hold a place under max_sessions
         self.adapter: DemuxAdapter[str, WebRtcSource] = DemuxAdapter()  # each session's stream, by session id
         self._ticker = Ticker(TICK_S)
         self._running = False
@@ -168,11 +170,24 @@ class WhipIngest(StreamSet):
         """Answer a WHIP offer: (the new session, the SDP answer); raises :class:`WhipError` for the client."""
         if not self._running:
             raise WhipError(503, "the monitor is not taking new streams (it is stopping)", {"Retry-After": "5"})
-        if len(self.sessions) >= self.settings.max_sessions:
+        # A place is taken before the first await and given back if the offer fails: offers answered
+        # concurrently cannot pass the cap together (it was checked against finished sessions only).
+        if len(self.sessions) + self._opening >= self.settings.max_sessions:
             self.refused += 1
             raise WhipError(503, f"too many WebRTC sessions (at most {self.settings.max_sessions}); try again later",
                             {"Retry-After": "5"})
+        self._opening += 1
+        try:
+            return await self._answer(sdp, name, peer)
+        finally:
+            self._opening -= 1
+
+    async def _answer(self, sdp: str, name: str | None, peer: str) -> tuple[WhipSession, str]:
         stream_name = self.check_name(name)
+        if sdp.count("\nm=") + sdp.startswith("m=") > MAX_MEDIA_SECTIONS:
+            self.refused += 1  # refused before parsing: each section costs transports, candidates, DTLS
+            raise WhipError(400, f"the offer has more than {MAX_MEDIA_SECTIONS} media sections: publish one "
+                            "audio track (and bundle any others)")
         try:
             parsed = SessionDescription.parse(sdp)
         except Exception as e:  # aiortc's parser raises ValueError, KeyError, IndexError on malformed SDP
@@ -183,6 +198,14 @@ class WhipIngest(StreamSet):
             self.refused += 1
             raise WhipError(400, "the offer has no audio (no m=audio section): publish an audio track"
                             + (f"; it offers {', '.join(kinds)}" if kinds else ""))
+        if not any(m.kind == "audio" and m.port != 0 for m in parsed.media):
+            self.refused += 1
+            raise WhipError(400, "the offer's audio is rejected or disabled (m=audio with port 0): publish an "
+                            "audio track")
+        if not any(line.startswith("a=fingerprint:") for line in sdp.splitlines()):
+            self.refused += 1
+            raise WhipError(400, "the offer has no DTLS fingerprint (a=fingerprint): WebRTC media must be "
+                            "encrypted (DTLS-SRTP)")
         codecs = _offer_codecs(parsed)
         if not any(c.decodable for c in codecs.values()):
             self.refused += 1
