@@ -65,3 +65,22 @@ def test_every_named_score_is_a_series_and_goes_with_its_stream():
     assert s[("scoreq_live_mos", (("stream", "room"),))] == 3.1
     m.update(StreamError(stream="room", ts=2, error="gone"))
     assert not [k for k in samples(m) if k[0] == "scoreq_live_score"]
+
+
+async def test_the_event_loops_lag_is_measured_while_the_sink_runs():
+    import asyncio
+    import time
+
+    bus = EventBus()
+    m = MetricsSink()
+    task = asyncio.create_task(m.run(bus.subscribe()))
+    await asyncio.sleep(0.35)  # a few samples of a loop that keeps up
+    quiet = samples(m)[("scoreq_live_loop_lag_max_seconds", ())]
+    time.sleep(0.6)  # something holds the loop
+    await asyncio.sleep(0.25)
+    s = samples(m)
+    bus.close()
+    await task
+    assert quiet < 0.5 <= s[("scoreq_live_loop_lag_max_seconds", ())]
+    assert s[("scoreq_live_loop_lag_seconds_count", ())] >= 3
+    assert s[("scoreq_live_loop_lag_seconds_bucket", (("le", "0.25"),))] < s[("scoreq_live_loop_lag_seconds_count", ())]

@@ -9,6 +9,7 @@ scoreq-live in another program never mixes them with that program's.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 # Model runs take ~10 ms (GPU, small batch) to seconds (CPU, large batch).
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LAG_PERIOD_S = 0.1  # how often the event loop's lateness is sampled
 
 
 class _Registry(CollectorRegistry):
@@ -134,6 +137,12 @@ class MetricsSink(Sink):
                             "beside scoreq_live_mos)", per, registry=r)
         self.inference = Histogram("scoreq_live_inference_seconds", "Duration of one model run (a batch of "
                                    "windows)", buckets=INFERENCE_BUCKETS, registry=r)
+        self.loop_lag = Histogram("scoreq_live_loop_lag_seconds", "How late the event loop ran a timer due every "
+                                  f"{LAG_PERIOD_S:g} s (work that holds the loop delays every stream and client)",
+                                  buckets=LAG_BUCKETS, registry=r)
+        self.loop_lag_max = Gauge("scoreq_live_loop_lag_max_seconds", "Largest loop lag since the previous scrape",
+                                  registry=r)
+        self._lag_max = 0.0
         self.batch = Histogram("scoreq_live_batch_windows", "Windows per model run", buckets=BATCH_BUCKETS,
                                registry=r)
         self.backend_up = Gauge("scoreq_live_backend_up", "1 while the scoring backend (--backend) answers, 0 while "
@@ -248,9 +257,26 @@ class MetricsSink(Sink):
             self._drop_alert(st, rule)
 
     async def run(self, events: Subscription) -> None:
-        async for ev in events:
-            self.update(ev)
+        lag = asyncio.get_running_loop().create_task(self._sample_lag(), name="loop-lag")
+        try:
+            async for ev in events:
+                self.update(ev)
+        finally:
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
+
+    async def _sample_lag(self) -> None:
+        """Sleep a period, see how much later than asked the loop woke: the loop lag (every input feels it)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PERIOD_S
+            await asyncio.sleep(LAG_PERIOD_S)
+            late = max(0.0, loop.time() - due)
+            self.loop_lag.observe(late)
+            self._lag_max = max(self._lag_max, late)
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type."""
+        """The exposition text and its content type (the largest loop lag is reset by each scrape)."""
+        self.loop_lag_max.set(self._lag_max)
+        self._lag_max = 0.0
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
