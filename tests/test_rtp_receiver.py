@@ -469,7 +469,7 @@ def test_a_hostile_sender_does_not_touch_other_streams(speech8: np.ndarray) -> N
     for i, (_, _, t) in enumerate(clean):
         # its own SSRC: wild sequence numbers and timestamps, undeclared payload types, odd sizes
         seq = i if i % 3 else int(rng.integers(0, 65536))
-        payload = bytes(int(rng.choice([0, 1, 160, 1400])))
+        payload = bytes(int(rng.choice([0, 1, 160, 1400]))) if i > 3 else bytes(160)  # it gets in first
         pt = int(rng.choice([0, 8, 96, 101, 127])) if i > 3 else 0
         evil.append((rtp_bytes(seq, int(rng.integers(0, 2**32)), SSRC_B, pt, payload), EVIL, t + 0.0005))
         # and the victim's SSRC, spoofed from another address, plus a spoofed BYE
@@ -508,3 +508,66 @@ def test_more_new_senders_than_candidate_places_are_all_accepted(speech8: np.nda
                     started[ev.ssrc] = k
     assert len(started) == senders, f"{senders - len(started)} of {senders} senders never accepted"
     assert max(started.values()) <= 10
+
+
+# ------------------------------------------------------------------------------------ places on a port
+
+
+def _sender(ssrc: int, addr: tuple[str, int], n: int, t0: float, every: float, payload: bytes = bytes(160),
+            pt: int = 0) -> list[tuple[bytes, tuple[str, int], float]]:
+    return [(rtp_bytes(500 + i, i * 160, ssrc, pt, payload), addr, t0 + i * every) for i in range(n)]
+
+
+def _feed(demux: RtpDemux, dgrams: list[tuple[bytes, tuple[str, int], float]]) -> list:
+    events = []
+    for data, addr, t in sorted(dgrams, key=lambda d: d[2]):
+        events += demux.datagram(data, addr, t)
+    return events
+
+
+def test_squatters_give_way_to_a_real_sender_on_a_full_port() -> None:
+    """Four SSRCs hold every place with a packet a second; a real sender (50 packets/s) still gets one."""
+    demux = RtpDemux(timeout_s=30.0, max_streams=4)
+    squat = [_sender(0x5000 + k, ("192.0.2.99", 7000 + k), 20, 0.1 * k, 1.0) for k in range(4)]
+    events = _feed(demux, [d for s in squat for d in s])
+    assert len(demux.streams) == 4 and all(isinstance(e, NewStream) for e in events)
+    events = _feed(demux, _sender(SSRC_A, A, 100, 20.0, 0.02))
+    gone = [e for e in events if isinstance(e, StreamGone)]
+    assert len(gone) == 1 and gone[0].reason == "evicted" and gone[0].ssrc in {0x5000 + k for k in range(4)}
+    assert SSRC_A in demux.streams and len(demux.streams) == 4
+    assert not any(isinstance(e, StreamFailed) for e in events)
+
+
+def test_a_full_port_of_real_senders_refuses_a_new_one_once_and_takes_it_when_a_place_is_free() -> None:
+    demux = RtpDemux(timeout_s=30.0, max_streams=2)
+    talkers = _sender(SSRC_A, A, 200, 0.0, 0.02) + _sender(SSRC_B, B, 200, 0.001, 0.02)
+    late = _sender(0x7777, ("192.0.2.77", 9000), 150, 1.0, 0.02)
+    events = _feed(demux, talkers + late)
+    failed = [e for e in events if isinstance(e, StreamFailed)]
+    assert len(failed) == 1 and failed[0].ssrc == 0x7777 and "refused" in failed[0].error  # said once
+    assert set(demux.streams) == {SSRC_A, SSRC_B}
+    assert demux.dropped["refused_port_full"] >= 100
+    # A talker hangs up (BYE from its own transport): the refused sender gets in with its next packets.
+    events = demux.datagram(rtcp_bye(SSRC_A), (A[0], A[1] + 1), 4.01)
+    events += _feed(demux, [(rtp_bytes(700 + i, 0, 0x7777, 0, bytes(160)), ("192.0.2.77", 9000), 4.02 + 0.02 * i)
+                            for i in range(5)])
+    assert [type(e) for e in events] == [StreamGone, NewStream] and 0x7777 in demux.streams
+
+
+def test_header_only_packets_make_no_stream() -> None:
+    demux = RtpDemux(timeout_s=5.0)
+    events = _feed(demux, _sender(SSRC_A, A, 50, 0.0, 0.02, payload=b""))
+    assert events == [] and demux.streams == {} and demux.dropped["empty"] == 50
+
+
+def test_a_stream_that_switches_to_an_undeclared_payload_type_says_so_once() -> None:
+    demux = RtpDemux(timeout_s=5.0)
+    ok = _sender(SSRC_A, A, 100, 0.0, 0.02)
+    odd = [(rtp_bytes(600, 100 * 160, SSRC_A, 96, bytes(160)), A, 2.0)]  # one stray packet: counted only
+    switched = [(rtp_bytes(601 + i, (101 + i) * 160, SSRC_A, 96, bytes(160)), A, 2.02 + 0.02 * i)
+                for i in range(80)]
+    events = _feed(demux, ok + odd + _sender(SSRC_A, A, 1, 2.01, 0.02))
+    assert [type(e) for e in events] == [NewStream]
+    events = _feed(demux, switched)
+    assert [type(e) for e in events] == [StreamFailed] and "payload type 96" in events[0].error
+    assert SSRC_A not in demux.streams

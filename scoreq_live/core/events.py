@@ -22,10 +22,11 @@ the inference server (``--backend``) did not answer in time or could not be reac
 BackendState = Literal["up", "down", "fallback"]
 """A remote scoring backend's state: answering; not answering (windows skipped); not answering, windows scored
 by the local model meanwhile (``--backend-fallback local``)."""
-EndReason = Literal["eof", "stopped", "error", "inactive", "bye", "closed", "disconnected"]
+EndReason = Literal["eof", "stopped", "error", "inactive", "bye", "closed", "disconnected", "evicted"]
 """Why a stream ended: its input ended, the monitor was stopped, the input failed, no packets came for the
 timeout (RTP, WebRTC, media websockets), the sender said goodbye (RTCP BYE), the publisher ended it (WHIP
-``DELETE``, a media websocket's ``stop`` or close), or its connection was lost (ICE failed, websocket dropped)."""
+``DELETE``, a media websocket's ``stop`` or close), its connection was lost (ICE failed, websocket dropped),
+or it gave its place on a full RTP port to a new sender while it sent less than audio does (``evicted``)."""
 StreamState = Literal["live", "ended", "stopped", "error"]
 """A stream's state as the outputs show it (``eof`` shows as ``ended``)."""
 

@@ -44,6 +44,10 @@ PROBATION_PACKETS = 16  # packets of an unconfirmed SSRC kept for when it is con
 MAX_CANDIDATES = 128  # unconfirmed SSRCs tracked at once (a random one forgotten for a new one)
 PROBATION_S = 2.0  # an unconfirmed SSRC silent this long is forgotten
 BYE_GRACE_S = 2.0  # packets of an SSRC within this long after its BYE are stragglers, not a new stream
+# A full port: the stream with the lowest packet rate gives way to a new sender when that rate is below this
+# (audio is 16-50 packets/s; a squatter holding a place with a packet now and then is far below).
+GIVE_WAY_PPS = 5.0
+UNKNOWN_PT_RUN = 50  # this many packets in a row of an undeclared payload type: the stream switched to it
 
 
 def default_codecs(codecs: Mapping[int, Codec] | None = None) -> dict[int, Codec]:
@@ -80,6 +84,8 @@ class RtpStream:
         self.source_addr = source_addr
         self.codec_name = ""  # the audio codec being played (the first one announced until playout starts)
         self.last_arrival_s = 0.0
+        self.interval_s = 0.0  # recent time between packets (moving average), for the packet rate
+        self.unknown_run = 0  # packets in a row whose payload type is not declared
         self.ended = False
         self.end_reason: str | None = None
         self.max_gap_s = max_gap_s
@@ -115,8 +121,11 @@ class RtpStream:
         """One packet of this SSRC, arrived at ``arrival_s`` (seconds, any fixed origin)."""
         if self.ended:
             return
+        if self.last_arrival_s:
+            self.interval_s += 0.1 * (max(arrival_s - self.last_arrival_s, 0.0) - self.interval_s)
         self.last_arrival_s = arrival_s
         codec = self._codecs.get(pkt.payload_type)
+        self.unknown_run = self.unknown_run + 1 if codec is None else 0
         clock = codec.clock_rate if codec is not None and codec.decodable else 0
         if clock and not self.codec_name and codec is not None:
             self.codec_name = codec.name
@@ -129,6 +138,11 @@ class RtpStream:
         elif status is jb.DUPLICATE:
             self._net.add_duplicate(self._pos_of(ext_ts, clock))
         self._play(self._jb.release(arrival_s))
+
+    def rate_pps(self, now_s: float) -> float:
+        """Packets per second lately (the moving average of the intervals, or the silence since the last)."""
+        gap = max(self.interval_s, now_s - self.last_arrival_s)
+        return 1.0 / gap if gap > 0 else float("inf")
 
     def tick(self, now_s: float) -> None:
         """Let the jitter buffer give up holes whose wait is over at ``now_s`` (same time base as arrivals)."""
@@ -365,13 +379,14 @@ class NewStream:
 
 @dataclass(frozen=True)
 class StreamGone:
-    """A stream ended: RTCP BYE (``"bye"``) or no packet for ``timeout_s`` (``"inactive"``).
+    """A stream ended: RTCP BYE (``"bye"``), no packet for ``timeout_s`` (``"inactive"``), or it gave its
+    place on a full port to a new sender (``"evicted"``).
 
     Its held audio has been released: :meth:`RtpStream.finish` returns the rest.
     """
 
     ssrc: int
-    reason: Literal["inactive", "bye"]
+    reason: Literal["inactive", "bye", "evicted"]
 
 
 @dataclass(frozen=True)
@@ -422,6 +437,7 @@ class RtpDemux:
         self._candidates: dict[int, _Candidate] = {}
         self._evict = random.Random(0)  # which candidate to forget when full (seeded: runs repeat)
         self._failed: dict[int, float] = {}  # ssrc -> last arrival
+        self._refused: dict[int, float] = {}  # ssrc -> last arrival: confirmed senders the full port turned away
         self._byes: dict[int, float] = {}  # ssrc -> when its BYE came
 
     def _drop(self, reason: str, n: int = 1) -> None:
@@ -446,7 +462,19 @@ class RtpDemux:
                 self._drop("after_end")
             else:
                 stream.push(pkt, arrival_s)
+                if stream.unknown_run >= UNKNOWN_PT_RUN:  # switched to a payload type nobody declared
+                    del self.streams[ssrc]
+                    stream.close("error")
+                    self._failed[ssrc] = arrival_s
+                    return [StreamFailed(ssrc, unknown_pt_message(ssrc, pkt.payload_type, addr)
+                                         + f" (it switched to it after {stream.totals()['received']} packets)")]
             return []
+        if ssrc in self._refused:
+            if len(self.streams) >= self.max_streams:
+                self._refused[ssrc] = arrival_s
+                self._drop("refused_port_full")
+                return []
+            del self._refused[ssrc]  # a place came free: a sender like any other
         if ssrc in self._failed:
             self._failed[ssrc] = arrival_s
             self._drop("unknown_ssrc_after_failure")
@@ -461,6 +489,9 @@ class RtpDemux:
 
     def _probation(self, pkt: RtpPacket, addr: tuple[str, int], arrival_s: float) -> list[DemuxEvent]:
         ssrc = pkt.ssrc
+        if not pkt.payload:  # headers alone prove nothing: a stream needs audio to be one
+            self._drop("empty")
+            return []
         cand = self._candidates.get(ssrc)
         if cand is None:
             if len(self._candidates) >= MAX_CANDIDATES:
@@ -488,14 +519,31 @@ class RtpDemux:
             self._failed[ssrc] = arrival_s
             self._drop("unknown_pt", len(cand.packets))
             return [StreamFailed(ssrc, unknown_pt_message(ssrc, pkt.payload_type, addr))]
+        events: list[DemuxEvent] = []
         if len(self.streams) >= self.max_streams:
-            self._drop("too_many_streams", len(cand.packets))
-            return []
+            victim = self._give_way(arrival_s)
+            if victim is None:
+                self._drop("refused_port_full", len(cand.packets))
+                self._refused[ssrc] = arrival_s
+                return [StreamFailed(ssrc, f"RTP stream {ssrc:08x} from {addr[0]}:{addr[1]} refused: the port "
+                                           f"already takes {self.max_streams} senders, each sending audio; it "
+                                           "gets in when one ends")]
+            events.append(victim)
         stream = RtpStream(ssrc, addr, self.codecs, **self._stream_args)
         for p, t in cand.packets:
             stream.push(p, t)
         self.streams[ssrc] = stream
-        return [NewStream(ssrc, stream)]
+        events.append(NewStream(ssrc, stream))
+        return events
+
+    def _give_way(self, now_s: float) -> StreamGone | None:
+        """The full port's slowest sender ends (``evicted``) when it sends less than audio would; else None."""
+        ssrc, stream = min(self.streams.items(), key=lambda kv: kv[1].rate_pps(now_s))
+        if stream.rate_pps(now_s) >= GIVE_WAY_PPS:
+            return None
+        del self.streams[ssrc]
+        stream.close("evicted")
+        return StreamGone(ssrc, "evicted")
 
     def _bye(self, ssrcs: list[int], addr: tuple[str, int], arrival_s: float) -> list[DemuxEvent]:
         events: list[DemuxEvent] = []
@@ -533,9 +581,10 @@ class RtpDemux:
             if now_s - cand.last_arrival_s >= min(PROBATION_S, self.timeout_s):
                 del self._candidates[ssrc]
                 self._drop("unconfirmed", len(cand.packets))
-        for ssrc, last in list(self._failed.items()):
-            if now_s - last >= self.timeout_s:
-                del self._failed[ssrc]
+        for table in (self._failed, self._refused):
+            for ssrc, last in list(table.items()):
+                if now_s - last >= self.timeout_s:
+                    del table[ssrc]
         for ssrc, when in list(self._byes.items()):
             if now_s - when >= BYE_GRACE_S:
                 del self._byes[ssrc]

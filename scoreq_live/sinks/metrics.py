@@ -29,6 +29,7 @@ from scoreq_live.core.events import (
     InputDropped,
     OutputStatus,
     ScoreEvent,
+    StreamError,
     state_after,
 )
 from scoreq_live.sinks.base import Sink
@@ -117,6 +118,9 @@ class MetricsSink(Sink):
         self.input_dropped = Counter("scoreq_live_input_dropped_seconds", "Input audio lost before the monitor got "
                                      "it (sound-card blocks dropped while the event loop stalled)", per, registry=r)
         self.streams = Gauge("scoreq_live_streams", "Streams now live", registry=r)
+        self.stream_errors = Counter("scoreq_live_stream_errors", "Streams that failed, or senders refused (RTP: "
+                                     "an undeclared payload type, a full port); each also a stream_error event",
+                                     registry=r)
         self.started = Counter("scoreq_live_streams_started", "Streams started (RTP senders, calls, inputs)",
                                registry=r)
         # Packet streams (RTP, captures): what the network did to the latest window.
@@ -226,6 +230,8 @@ class MetricsSink(Sink):
             self._drop_alert(s, ev.rule)
         elif isinstance(ev, InputDropped):
             self.input_dropped.labels(s).inc(ev.dropped_s)
+        elif isinstance(ev, StreamError):
+            self.stream_errors.inc()
         state = state_after(ev)
         if state is not None:
             if state == "live":
