@@ -199,3 +199,32 @@ def test_subscriptions_from_query_strings_and_messages():
         parse_streams([str(i) for i in range(1001)])
     assert default_bands("ref", (0.3, 0.6)) == {"good": 0.3, "fair": 0.6, "lower_is_better": True}
     assert default_bands("ref") == {"good": None, "fair": None, "lower_is_better": True}
+
+
+def test_a_storm_of_subscribe_messages_costs_one_snapshot_when_the_client_reads(monkeypatch):
+    """3,000 subscribes from a client that reads nothing: the history is copied once, when it reads, for the
+    latest subscription, with the live events of the meantime in it once and the answers to bad messages."""
+    hub = FeedHub(INFO)
+    for s in "abcdefghij":
+        hub.publish(started(s), 0)
+        for w in range(50):
+            hub.publish(score(s, w), 0)
+    c = hub.connect(None, 0)
+    frames(c)
+    made = []
+    real = hub._snapshot
+    monkeypatch.setattr(hub, "_snapshot", lambda client: made.append(1) or real(client))
+    for i in range(3000):
+        hub.handle_message(c, json.dumps({"type": "subscribe", "streams": ["a", "b"] if i % 2 else ["c"]}), 1)
+        if i == 1500:
+            hub.publish(score("a", 50), 1)  # live meanwhile: in the snapshot, once
+            hub.handle_message(c, "not json", 1)  # answered after the snapshot
+    assert made == [] and c.pending > 0  # nothing copied while it does not read (and its wait is measured)
+    msgs = frames(c, 2)
+    assert len(made) == 1
+    assert msgs[0]["type"] == "hello" and msgs[0]["subscribed"] == ["a", "b"]
+    windows = [(m["stream"], m["window"]) for m in msgs if m["type"] == "score"]
+    assert windows.count(("a", 50)) == 1 and len(windows) == 2 * 50 + 1
+    assert kinds(msgs)[-2:] == [("history_end", None, None), ("error", None, None)]
+    hub.publish(score("b", 50), 3)
+    assert kinds(frames(c, 3)) == [("score", "b", 50)]  # live again

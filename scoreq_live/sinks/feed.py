@@ -54,6 +54,9 @@ def default_bands(mode: Mode, bands: tuple[float, float] | None = None) -> dict[
     return Bands.for_mode(mode, bands).to_dict()
 
 
+NOTES_KEPT = 16  # error frames kept for a client whose new snapshot is pending (the latest)
+
+
 @dataclass(frozen=True)
 class FeedInfo:
     """What ``hello`` says about the monitor."""
@@ -100,6 +103,11 @@ class FeedClient:
         self.streams = streams
         self.maxsize = maxsize
         self._snapshot: list[bytes] = []  # hello + history + history_end: sent whole, never dropped
+        # A subscription changed and its snapshot is not made yet: it is made when the client takes its frames,
+        # so that a storm of subscribe messages from a client that does not read costs a flag each, not a copy
+        # of the whole history each (live events meanwhile are in that snapshot; notes wait beside it).
+        self._resubscribed: Callable[[FeedClient], list[bytes]] | None = None
+        self._notes: list[bytes] = []  # error frames answering its messages meanwhile (the latest few)
         self._queue: DropOldest[bytes] = DropOldest(maxsize)  # drop-oldest: the newest state matters most
         self._unreported = 0  # frames lost since the last `dropped` notice
         self._lost_upstream = 0  # frames the feed itself missed (its bus subscription overflowed)
@@ -118,7 +126,8 @@ class FeedClient:
     @property
     def pending(self) -> int:
         """Frames waiting to be taken (including a pending ``dropped`` notice)."""
-        return len(self._snapshot) + len(self._queue) + (1 if self._unreported else 0)
+        return (len(self._snapshot) + len(self._queue) + len(self._notes) + (1 if self._unreported else 0)
+                + (1 if self._resubscribed is not None else 0))
 
     def _ready(self, now: float) -> None:
         if self.pending_since is None:
@@ -127,8 +136,18 @@ class FeedClient:
                 self.on_ready()
 
     def _put(self, frame: bytes, now: float) -> None:
+        if self._resubscribed is not None:  # the snapshot still to be made covers it
+            return
         if self._queue.put(frame):
             self._unreported += 1
+        self._ready(now)
+
+    def _note(self, frame: bytes, now: float) -> None:
+        """A frame of its own (an ``error`` answering a message): queued, or kept beside a pending snapshot."""
+        if self._resubscribed is None:
+            self._put(frame, now)
+            return
+        self._notes = [*self._notes[-(NOTES_KEPT - 1):], frame]
         self._ready(now)
 
     def _lost(self, n: int, now: float) -> None:
@@ -138,8 +157,13 @@ class FeedClient:
 
     def take(self, now: float) -> list[bytes]:
         """Every frame now due, in order; a ``dropped`` notice stands where frames were lost."""
+        if self._resubscribed is not None:
+            self._snapshot, self._resubscribed = self._resubscribed(self), None
         out = self._snapshot
         self._snapshot = []
+        if self._notes:
+            out += self._notes
+            self._notes = []
         if self._unreported:
             out.append(_frame({"v": SCHEMA_VERSION, "type": "dropped", "count": self._unreported}))
             self._unreported = 0
@@ -298,7 +322,8 @@ class FeedHub:
         client.streams = streams
         client._queue.clear()
         client._unreported = 0
-        client._snapshot = self._snapshot(client)
+        client._snapshot = []
+        client._resubscribed = self._snapshot  # made when the client takes it (see FeedClient._resubscribed)
         client._ready(now)
 
     def handle_message(self, client: FeedClient, data: str | bytes, now: float) -> None:
@@ -318,7 +343,7 @@ class FeedHub:
         self.subscribe(client, streams, now)
 
     def _error(self, client: FeedClient, message: str, now: float) -> None:
-        client._put(_frame({"v": SCHEMA_VERSION, "type": "error", "error": message}), now)
+        client._note(_frame({"v": SCHEMA_VERSION, "type": "error", "error": message}), now)
 
     def stalled(self, now: float) -> list[FeedClient]:
         """Clients that have taken no frame for more than ``stall_s`` while frames waited."""
