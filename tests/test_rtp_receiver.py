@@ -571,3 +571,19 @@ def test_a_stream_that_switches_to_an_undeclared_payload_type_says_so_once() -> 
     events = _feed(demux, switched)
     assert [type(e) for e in events] == [StreamFailed] and "payload type 96" in events[0].error
     assert SSRC_A not in demux.streams
+
+
+def test_a_sender_flooding_faster_than_real_time_is_held_to_its_share(speech8: np.ndarray) -> None:
+    """Real speech sent at 10x real time is cut to 1.5x (plus a burst) before decoding; a real-time sender,
+    with 20 ms or 5 ms packets, loses nothing."""
+    demux = RtpDemux(timeout_s=30.0)
+    pkts = packetise(speech8[:8000 * 10], PCMU, seq0=100, ts0=0)  # 10 s of speech, 20 ms packets
+    fast = [(p.data(SSRC_B), B, 100.0 + 0.002 * i) for i, p in enumerate(pkts)]  # all of it in 1 s
+    small = packetise(speech8[:8000 * 2], PCMU, seq0=5000, ts0=0, t0=100.0, ptime=0.005)
+    real = [(p.data(SSRC_A), A, p.t) for p in small]
+    _feed(demux, fast + real)
+    flood, ok = demux.streams[SSRC_B], demux.streams[SSRC_A]
+    taken = len(pkts) - flood.over_rate
+    assert 0.02 * taken <= 1.5 * 1.0 + 2.0 + 0.1  # the media it got in: 1.5 x 1 s of wall time + 2 s of burst
+    assert flood.over_rate >= 0.6 * len(pkts)
+    assert ok.over_rate == 0 and ok.totals()["received"] == len(small)

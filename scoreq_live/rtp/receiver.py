@@ -48,6 +48,13 @@ BYE_GRACE_S = 2.0  # packets of an SSRC within this long after its BYE are strag
 # (audio is 16-50 packets/s; a squatter holding a place with a packet now and then is far below).
 GIVE_WAY_PPS = 5.0
 UNKNOWN_PT_RUN = 50  # this many packets in a row of an undeclared payload type: the stream switched to it
+# One sender's fair share: media time (RTP timestamps) may run at most this much faster than the wall clock,
+# plus a burst; packets beyond are dropped before they are decoded and counted (over_rate).  Real senders run
+# at 1x (a jitter burst at more for a moment); a flood of real audio at 10x would take the port's CPU.
+MAX_MEDIA_RATE = 1.5
+MEDIA_BURST_S = 2.0
+MEDIA_JUMP_S = 10.0  # a timestamp step beyond this is a discontinuity, not media ...
+JUMP_COST_S = 0.02  # ... and costs what a packet does (a sender of random timestamps is held to a packet rate)
 
 
 def default_codecs(codecs: Mapping[int, Codec] | None = None) -> dict[int, Codec]:
@@ -86,6 +93,10 @@ class RtpStream:
         self.last_arrival_s = 0.0
         self.interval_s = 0.0  # recent time between packets (moving average), for the packet rate
         self.unknown_run = 0  # packets in a row whose payload type is not declared
+        self.over_rate = 0  # packets dropped because media time ran faster than the sender's fair share
+        self._media_budget = MEDIA_BURST_S  # seconds of media this sender may still send ahead of the clock
+        self._media_ts: int | None = None  # the highest RTP timestamp taken
+        self._media_at = 0.0  # arrival that last refilled the budget
         self.ended = False
         self.end_reason: str | None = None
         self.max_gap_s = max_gap_s
@@ -121,6 +132,9 @@ class RtpStream:
         """One packet of this SSRC, arrived at ``arrival_s`` (seconds, any fixed origin)."""
         if self.ended:
             return
+        if not self._fair(pkt, arrival_s):
+            self.over_rate += 1
+            return
         if self.last_arrival_s:
             self.interval_s += 0.1 * (max(arrival_s - self.last_arrival_s, 0.0) - self.interval_s)
         self.last_arrival_s = arrival_s
@@ -138,6 +152,29 @@ class RtpStream:
         elif status is jb.DUPLICATE:
             self._net.add_duplicate(self._pos_of(ext_ts, clock))
         self._play(self._jb.release(arrival_s))
+
+    def _fair(self, pkt: RtpPacket, arrival_s: float) -> bool:
+        """Whether this packet's media time fits the sender's share (a token bucket in media seconds)."""
+        codec = self._codecs.get(pkt.payload_type)
+        if codec is None or not codec.decodable or codec.clock_rate <= 0:
+            return True  # nothing to decode: costs nothing
+        if self._media_ts is None:
+            self._media_ts, self._media_at = pkt.timestamp, arrival_s
+            return True
+        self._media_budget = min(MEDIA_BURST_S, self._media_budget
+                                 + MAX_MEDIA_RATE * max(arrival_s - self._media_at, 0.0))
+        self._media_at = max(self._media_at, arrival_s)
+        ahead = (pkt.timestamp - self._media_ts) % (1 << 32)
+        if ahead >= 1 << 31:
+            return True  # older than the newest taken (reordered, a duplicate): the jitter buffer judges it
+        cost = ahead / codec.clock_rate
+        if cost > MEDIA_JUMP_S:  # not media time but a new timeline (the jitter buffer confirms or drops it)
+            cost = JUMP_COST_S
+        if cost > self._media_budget:
+            return False
+        self._media_budget -= cost
+        self._media_ts = pkt.timestamp
+        return True
 
     def rate_pps(self, now_s: float) -> float:
         """Packets per second lately (the moving average of the intervals, or the silence since the last)."""
@@ -201,6 +238,7 @@ class RtpStream:
             "silence_s": self.silence_samples / SAMPLE_RATE, "output_s": self._pos() / SAMPLE_RATE,
             "telephone_events": self.telephone_events, "comfort_noise": self.comfort_noise,
             "unknown_pt": self.unknown_pt, "empty": self.empty, "undecodable": self.undecodable,
+            "over_rate": self.over_rate,
             "decode_errors": sum(d.errors for d in self._decoders.values()),
             "discarded": j.discarded, "resyncs": j.resyncs, "pt_switches": self.pt_switches,
             "delay_ms": 1000.0 * j.delay_s, "buffered": j.buffered,
