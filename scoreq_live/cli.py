@@ -2,7 +2,7 @@
 
     scoreq-live [monitor] --input SPEC [--input SPEC ...] [options]
     scoreq-live demo      [options]
-    scoreq-live score     PATH... [--csv F] [--json F|-] [--rtp-port N]
+    scoreq-live score     PATH... [--csv F] [--json F|-] [--rtp-port N] [--max-duration S]
     scoreq-live devices
     scoreq-live models    list|pull|import|quantize|remove ...
     scoreq-live reference add|list|show|remove ...
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio file, packet capture (.pcap/.pcapng: one result per RTP stream), folder (searched "
                         "recursively) or list file")
     s.add_argument("--rtp-port", type=int, metavar="N", help="in captures, only RTP streams from or to UDP port N")
+    s.add_argument("--max-duration", type=float, metavar="S",
+                   help="longest audio file scored, in seconds (default 14400, i.e. 4 h); a longer one gets an "
+                        "error row (files are read block by block, so memory does not grow with their length)")
     s.add_argument("--csv", metavar="PATH|-", help="write one row per file")
     s.add_argument("--json", metavar="PATH|-", help="write a JSON array, one object per file, with its windows")
     s.add_argument("--no-progress", action="store_true")
@@ -315,11 +318,15 @@ def cmd_score(a: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
+    from scoreq_live.audio import MAX_DURATION_S
     from scoreq_live.offline import expand_paths, score_path, write_csv, write_json
     from scoreq_live.progress import ConsoleProgress
     from scoreq_live.scoring.load import load_scorer
 
     err = Console(stderr=True)
+    max_duration = MAX_DURATION_S if a.max_duration is None else a.max_duration
+    if not max_duration > 0:
+        return _err("--max-duration must be a positive number of seconds")
     try:
         files = expand_paths(a.paths)
         if not files:
@@ -334,7 +341,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     with Progress(console=err, disable=not show, transient=True) as progress:
         task = progress.add_task("scoring", total=len(files))
         for f in files:
-            results.extend(score_path(f, scorer, config, rtp_port=a.rtp_port))
+            results.extend(score_path(f, scorer, config, rtp_port=a.rtp_port, max_duration_s=max_duration))
             progress.advance(task)
     key = "MOS" if config.mode == "nr" else "distance"
     table = Table(title=f"{model.describe()} · window {config.window_s:g}s hop {config.hop_s:g}s")

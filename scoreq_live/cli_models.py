@@ -306,6 +306,7 @@ def cmd_reference(a: argparse.Namespace) -> int:
 
 def _ref_add(a: argparse.Namespace) -> int:
     from scoreq_live.core.stream import StreamConfig
+    from scoreq_live.files import special_kind
     from scoreq_live.progress import ConsoleProgress
     from scoreq_live.scoring.catalogue import resolve_model
     from scoreq_live.scoring.references import ReferenceStore, StoredReferenceError
@@ -315,7 +316,9 @@ def _ref_add(a: argparse.Namespace) -> int:
 
     for f in a.files:
         if not Path(f).is_file():
-            return _err(f"no such file: {f}")
+            kind = special_kind(f)
+            return _err(f"no such file: {f}" if kind is None
+                        else f"{f} is {kind}, not a regular file; give an audio file")
     try:
         with ConsoleProgress(f"downloading {a.model}") as progress:
             spec = resolve_model(a.model, progress=progress)

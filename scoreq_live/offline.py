@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scoreq_live.audio import AudioError, load_audio
+from scoreq_live.audio import BLOCK_S, MAX_DURATION_S, AudioError, audio_blocks
 from scoreq_live.core.events import Mode, ScoreEvent
-from scoreq_live.core.stream import StreamConfig, StreamCore
+from scoreq_live.core.stream import StreamConfig, StreamCore, Window
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.scorer import Scorer
 
@@ -90,34 +90,79 @@ class FileResult:
         return d
 
 
-def window_results(audio: np.ndarray, scorer: Scorer, config: StreamConfig, name: str = "file") -> list[ScoreEvent]:
-    """Score a whole signal as the monitor would see it; return its score events."""
+SCORE_RUNS = 2  # windows are scored this many full model runs at a time while a file is read
+
+
+def window_results(audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, config: StreamConfig,
+                   name: str = "file") -> list[ScoreEvent]:
+    """Score a signal as the monitor would see it (a whole array, or its blocks in order); return its score events."""
+    return _window_events(audio, scorer, config, name)[0]
+
+
+def _window_events(audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, config: StreamConfig,
+                   name: str) -> tuple[list[ScoreEvent], int]:
+    """The score events of a signal and its length in samples.
+
+    Blocks are windowed as they come and their windows scored :data:`SCORE_RUNS` full model runs at a time,
+    so a long file costs a few blocks and windows of memory, not its length.  The events are those of the
+    whole signal fed at once: the stream core sees the same hop-long pieces, and the model the same runs.
+    """
     core = StreamCore(name, config)
     core.state = scorer.new_state()
-    windows = core.feed(audio, 0.0) + core.finish(0.0)
-    named = scorer.score_named([w.audio for w in windows], [core.state] * len(windows))
-    for w, row in zip(windows, named):
-        core.resolve(w, float(row[0]), None, dict(zip(scorer.names, (float(x) for x in row))))
-    return core.drain(0.0, 0.0)
+    hop = max(1, config.hop)
+    runs = max(1, scorer.max_batch) * SCORE_RUNS
+    events: list[ScoreEvent] = []
+    waiting: list[Window] = []
+    held = np.zeros(0, np.float32)  # less than a hop, fed with the next block so pieces start on hops
+    total = 0
+
+    def score(windows: list[Window]) -> None:
+        named = scorer.score_named([w.audio for w in windows], [core.state] * len(windows))
+        for w, row in zip(windows, named):
+            core.resolve(w, float(row[0]), None, dict(zip(scorer.names, (float(x) for x in row))))
+        events.extend(core.drain(0.0, 0.0))
+
+    if isinstance(audio, np.ndarray):  # a whole signal (a capture's stream) is windowed in blocks too
+        whole, step = audio, int(BLOCK_S * 16000)
+        audio = (whole[i:i + step] for i in range(0, whole.size, step))
+    for block in audio:
+        total += block.size
+        x = np.concatenate([held, block]) if held.size else block
+        cut = x.size - x.size % hop
+        held = x[cut:].copy()
+        if cut:
+            waiting += core.feed(x[:cut], 0.0)
+        while len(waiting) >= runs:
+            score(waiting[:runs])
+            del waiting[:runs]
+    if held.size:
+        waiting += core.feed(held, 0.0)
+    score(waiting + core.finish(0.0))
+    return events, total
 
 
-def score_file(path: Path, scorer: Scorer, config: StreamConfig) -> FileResult:
-    """The per-window timeline of a file and its whole-file score (mean of the scored windows)."""
+def score_file(path: Path, scorer: Scorer, config: StreamConfig,
+               max_duration_s: float | None = MAX_DURATION_S) -> FileResult:
+    """The per-window timeline of a file and its whole-file score (mean of the scored windows).
+
+    The file is read and scored block by block; one longer than ``max_duration_s`` (None: no limit) is
+    refused, as soon as its header or its reading says so.
+    """
     res = FileResult(str(path), scorer.mode)
+    blocks = audio_blocks(path, max_duration_s, hint="cut it, or raise --max-duration")
     try:
-        audio = load_audio(path)
+        _score_audio(res, blocks, scorer, config, path.stem)
     except AudioError as e:
         res.error = str(e)
-        return res
-    _score_audio(res, audio, scorer, config, path.stem)
     return res
 
 
-def _score_audio(res: FileResult, audio: np.ndarray, scorer: Scorer, config: StreamConfig, name: str,
-                 net: Callable[[float, float], dict[str, Any]] | None = None) -> None:
-    """Fill ``res`` with the windows of ``audio`` and their mean; ``net`` gives each window's network numbers."""
-    res.duration_s = audio.size / 16000
-    events = window_results(audio, scorer, config, name)
+def _score_audio(res: FileResult, audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, config: StreamConfig,
+                 name: str, net: Callable[[float, float], dict[str, Any]] | None = None) -> None:
+    """Fill ``res`` with the windows of ``audio`` (an array or its blocks) and their mean; ``net`` gives each
+    window's network numbers.  Nothing is filled when reading the blocks fails."""
+    events, samples = _window_events(audio, scorer, config, name)
+    res.duration_s = samples / 16000
     key = "mos" if scorer.mode == "nr" else "distance"
     scored: list[float] = []
     named: dict[str, list[float]] = {name: [] for name in scorer.names}
@@ -141,13 +186,14 @@ def _score_audio(res: FileResult, audio: np.ndarray, scorer: Scorer, config: Str
         res.error = "no window with enough speech to score"
 
 
-def score_path(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None) -> list[FileResult]:
-    """A file's result, or one result per RTP stream of a packet capture."""
+def score_path(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None,
+               max_duration_s: float | None = MAX_DURATION_S) -> list[FileResult]:
+    """A file's result (``max_duration_s``: see :func:`score_file`), or one result per RTP stream of a capture."""
     from scoreq_live.rtp.capture import is_capture
 
     if is_capture(path):
         return score_capture(path, scorer, config, rtp_port)
-    return [score_file(path, scorer, config)]
+    return [score_file(path, scorer, config, max_duration_s)]
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from scoreq_live.errors import ScoreqLiveError
+from scoreq_live.files import special_kind
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, codec_by_name, parse_sdp
 from scoreq_live.rtp.packet import is_rtcp, parse_rtp
 from scoreq_live.rtp.receiver import DemuxEvent, RtpDemux, StreamFailed
@@ -188,7 +189,9 @@ class Capture:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise CaptureError(f"no such capture file: {self.path}")
+            kind = special_kind(self.path)
+            raise CaptureError(f"no such capture file: {self.path}" if kind is None else
+                               f"{self.path} is {kind}, not a regular file; give a capture file")
         fmt = capture_format(self.path)
         if fmt is None:
             raise CaptureError(f"{self.path} is not a packet capture (neither pcap nor pcapng)")

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from scoreq_live.files import special_kind
 from scoreq_live.sources.base import STREAM_NAME, Normaliser, Source, SourceError, StreamSet
 from scoreq_live.sources.device import DeviceSource
-from scoreq_live.sources.file import FileSource
+from scoreq_live.sources.file import FILES_ONLY, FileSource
 
 __all__ = ["Normaliser", "Source", "SourceError", "StreamSet", "DeviceSource", "FileSource", "parse_input",
            "open_inputs", "open_endpoints", "Input", "InputOptions", "InputScheme", "Opening", "SCHEMES"]
@@ -192,6 +193,9 @@ def make_inputs(spec: str, fast: bool = False, rtp_timeout_s: float | None = Non
     suffix = path.suffix.lower()
     by_suffix = [s for s in inputs if suffix in s.suffixes]
     plain = [s for s in inputs if s.prefix is None and not s.suffixes]
+    kind = None if by_suffix else special_kind(path)  # an SDP's own reader says what an SDP must be
+    if kind is not None:  # a FIFO would block the start, a device never ends
+        raise SourceError(f"--input {spec!r} is {kind}, not a regular file; {FILES_ONLY}")
     return (by_suffix or plain)[0].opens(Opening(spec, name, what, None, opts))
 
 

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from scoreq_live.files import special_kind
 from scoreq_live.sources.base import Source, SourceError
+
+FILES_ONLY = "give an audio file, or live audio as mic or rtp://HOST:PORT"
+"""What to give instead of a FIFO or a device: an input file is a regular file; live audio comes from a sound
+device or RTP (a FIFO would block the start, a device never ends)."""
 
 
 class FileSource(Source):
@@ -35,7 +40,10 @@ class FileSource(Source):
     def open_info(self) -> tuple[int, int]:
         """The file's sample rate and channel count; :class:`SourceError` when it cannot be read."""
         if not self.path.is_file():
-            raise SourceError(f"no such file: {self.path}")
+            kind = special_kind(self.path)
+            if kind is None:
+                raise SourceError(f"no such file: {self.path}")
+            raise SourceError(f"{self.path} is {kind}, not a regular file; {FILES_ONLY}")
         try:
             info = sf.info(str(self.path))
         except Exception as e:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from scoreq_live.files import FileKindError, read_small
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, parse_codec_query, parse_sdp
 from scoreq_live.rtp.receiver import RtpDemux, RtpStream
 from scoreq_live.sources.base import Source, SourceError, StreamSet
@@ -39,6 +40,7 @@ DEFAULT_TIMEOUT_S = 5.0
 QUEUE_DATAGRAMS = 4096  # datagrams waiting for the demux per port; more are dropped and counted
 TICK_S = 0.1  # how often silent streams are checked for the timeout
 RCVBUF = 4 << 20  # ask the kernel for a 4 MiB receive buffer: bursts wait there, not in Python
+SDP_MAX_BYTES = 64 * 1024  # an SDP is a few hundred bytes; a larger .sdp is not one
 MAX_READ = 256  # datagrams read per readiness of the socket: a flood cannot hold the event loop for long
 # The kernel's receive time of each datagram (SO_TIMESTAMPNS, Linux): arrival times, jitter and the inactivity
 # timeout follow when a packet really came, not when a late event loop got round to reading it.
@@ -81,9 +83,15 @@ def parse_rtp_url(url: str, name: str | None = None) -> RtpSpec:
 
 
 def specs_from_sdp(path: Path, name: str | None = None) -> list[RtpSpec]:
-    """The audio ports an SDP file describes, each with its payload types; raises :class:`SourceError`."""
+    """The audio ports an SDP file describes, each with its payload types; raises :class:`SourceError`.
+
+    An SDP is a few lines of text: only a regular file of at most :data:`SDP_MAX_BYTES` is read (a FIFO
+    would block the start, a device would never end).
+    """
     try:
-        media = parse_sdp(path.read_text(errors="replace"))
+        media = parse_sdp(read_small(path, SDP_MAX_BYTES).decode("utf-8", "replace"))
+    except FileKindError as e:
+        raise SourceError(f"--input {str(path)!r} {e}; an SDP is a small text file (a few lines)") from None
     except (OSError, CodecError) as e:
         raise SourceError(f"--input {str(path)!r}: {e}") from None
     out = []
