@@ -300,3 +300,15 @@ def test_score_max_duration_on_the_command_line(tmp_path, tiny_nr):
     assert "more than the 1.0 s limit; cut it, or raise --max-duration" in row["error"]
     out = cli("score", path, "--max-duration", "0", *model)
     assert out.returncode == 2 and "--max-duration must be a positive number" in out.stderr
+
+
+def test_a_fifo_given_as_a_reference_says_what_it_is(tmp_path):
+    import pytest
+
+    from scoreq_live.errors import ConfigError
+    from scoreq_live.scoring.load import _split_references
+
+    fifo = tmp_path / "ref.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="FIFO"):
+        _split_references([str(fifo)])

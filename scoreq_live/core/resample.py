@@ -2,8 +2,8 @@
 
 Files, devices and pushed streams (:class:`scoreq_live.sources.base.Normaliser`) and RTP streams
 (:class:`scoreq_live.rtp.receiver.RtpStream`, after decoding and concealment) each keep one
-:class:`Resampler` per stream; offline scoring (:func:`scoreq_live.audio.load_audio`) uses the one-shot
-``soxr.resample`` at the same quality.
+:class:`Resampler` per stream; offline scoring and references (:func:`scoreq_live.audio.audio_blocks`)
+stream files through it too.
 
 The quality (:data:`QUALITY`) is soxr's ``HQ``.  What each quality holds back, measured with python-soxr 1.1
 on mono float32 fed in 20 ms blocks: the output due for the input so far that a call has not returned yet,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 from scoreq_live.core.events import Mode
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.errors import ConfigError, ScoreqLiveError
+from scoreq_live.files import special_kind
 from scoreq_live.scoring.scorer import Reference, RemoteScorer, Scorer
 
 if TYPE_CHECKING:
@@ -210,6 +211,10 @@ def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredRefere
         if Path(r).is_file():
             files.append(r)
             continue
+        kind = special_kind(r)
+        if kind is not None:
+            raise ConfigError(f"--reference {r} is {kind}, not a regular file; give an audio file of clean "
+                              "speech or a stored reference's name")
         store = store or ReferenceStore()
         if not store.exists(r):
             raise ConfigError(f"--reference {r}: no such file or stored reference (see 'scoreq-live reference list')")
