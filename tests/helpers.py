@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +92,10 @@ class ScoreqProcess:
     :func:`stop_process` if it does not end.
     """
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: object, preexec_fn: Callable[[], object] | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "scoreq_live", *map(str, args)], cwd=ROOT,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, preexec_fn=preexec_fn)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -132,6 +132,9 @@ def _media(seq: int, ts: int, payload: str = "f39/fw==", track: str = "inbound")
 @pytest.mark.parametrize(("messages", "code", "words"), [
     (["hello"], 1007, "not JSON"),
     (["[1, 2]"], 1008, "not a JSON object"),
+    (["[" * 100_000], 1008, "nests JSON too deeply"),
+    (['{"event": "start", "start": {"mediaFormat": {"encoding": ' + "[" * 990 + "]" * 990 + "}}}"], 1008,
+     "nests JSON too deeply"),  # parsed, but too deep to be said back in the reason
     (['{"sequenceNumber": "1"}'], 1008, 'no "event"'),
     (['{"event": "hangup"}'], 1008, "unknown event"),
     ([_media(1, 0)], 1008, "media before start"),
@@ -388,7 +391,7 @@ async def test_raw_l16_at_16khz_is_scored(speech, tiny_scorer):
     assert len(live) >= 15 and all(1.0 <= s.mos <= 5.0 for s in live)
 
 
-async def test_bad_clients_are_closed_with_a_reason_and_a_good_stream_goes_on(speech, tiny_scorer):
+async def test_bad_clients_are_closed_with_a_reason_and_a_good_stream_goes_on(speech, tiny_scorer, caplog):
     long = np.concatenate([speech["inbound"], speech["outbound"]])  # ~26 s at 8 kHz
     ulaw = mt.mulaw_encode(long)
     good = [(i * 0.02, c) for i, c in enumerate(mt.raw_chunks(ulaw, 160))]
@@ -409,6 +412,11 @@ async def test_bad_clients_are_closed_with_a_reason_and_a_good_stream_goes_on(sp
             await ws.send_str("\x00garbage{")
             assert await closed_with(ws) == (1007, "message is not JSON: Twilio Media Streams messages are JSON "
                                                    "objects")
+        # JSON nested deeper than the parser goes (100,000 levels): a reason, not a traceback in the log.
+        async with http.ws_connect(mon.url) as ws:
+            await ws.send_str("[" * 100_000)
+            code, reason = await closed_with(ws)
+            assert code == 1008 and "nests JSON too deeply" in reason, (code, reason)
         # A call whose sequence numbers jump: its stream starts, then fails with the reason.
         call = mt.twilio_call({"inbound": ulaw[:8000 * 2]}, call_sid="CAbadseq", stop=False)
         sent = [m for _, m in call[:40]]
@@ -436,6 +444,7 @@ async def test_bad_clients_are_closed_with_a_reason_and_a_good_stream_goes_on(sp
     assert "sequenceNumber" in errors["CAbadseq-inbound"] and "1009" in errors["huge"]
     ended = {e.stream: e.reason for e in events if isinstance(e, StreamEnded)}
     assert ended == {"CAbadseq-inbound": "error", "huge": "error", "good": "closed"}, ended
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     # The good stream: every window in order, every one scored, nothing dropped, all of its audio there.
     mine = scores(events, "good")
     assert [s.window for s in mine] == list(range(len(mine))) and len(mine) >= 40

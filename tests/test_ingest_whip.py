@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +264,61 @@ async def test_concurrent_offers_cannot_pass_the_session_cap_together(tiny):
                     assert r.status == 200
         # The places are free again.
         assert (await post(offers[0]))[0] == 201
+
+
+def _candidates_as_mdns(sdp: str, keep_host: bool) -> str:
+    """Each candidate's address as a browser hides it (``UUID.local``); ``keep_host``: the real one as well."""
+    out = []
+    for line in sdp.split("\r\n"):
+        if line.startswith("a=candidate:"):
+            fields = line.split(" ")
+            fields[4] = f"{uuid.uuid4()}.local"
+            out.append(" ".join(fields))
+            if not keep_host:
+                continue
+        out.append(line)
+    return "\r\n".join(out)
+
+
+async def test_mdns_candidates_are_not_looked_up_and_the_publisher_still_connects(tiny, speech, monkeypatch):
+    """Browsers hide their address behind ``UUID.local`` names: such candidates are dropped from the offer
+    before aiortc sees it (no mDNS query on the network, no second waited for it), and the publisher still
+    connects, alone with them (its address learnt from its own ICE checks) or with a host candidate too."""
+    import aioice.ice
+
+    lookups: list[object] = []
+
+    class Unanswered:  # what an mDNS query on a network where nobody answers amounts to: a wait, then nothing
+        async def resolve(self, name: str) -> None:
+            await asyncio.sleep(1.0)
+
+    async def mdns(subscriber: object) -> Unanswered:
+        lookups.append(subscriber)
+        return Unanswered()
+
+    monkeypatch.setattr(aioice.ice, "get_or_create_mdns_protocol", mdns)
+    scorer, cfg = tiny
+    audio = _to_48k(speech)
+    async with endpoint(scorer, cfg) as ep, aiohttp.ClientSession() as http:
+        pubs = []
+        try:
+            t0 = time.monotonic()
+            pubs.append(await publish(http, f"{ep.url}?stream=plain", audio))
+            plain_s = time.monotonic() - t0
+            for name, keep_host in (("hidden", False), ("both", True)):
+                t0 = time.monotonic()
+                pubs.append(await publish(http, f"{ep.url}?stream={name}", audio,
+                                          rewrite=lambda sdp, k=keep_host: _candidates_as_mdns(sdp, k)))
+                took = time.monotonic() - t0
+                assert took < plain_s + 0.5, f"{name}: answered in {took:.2f} s, a plain offer in {plain_s:.2f} s"
+            assert lookups == []
+            await ep.wait(lambda: len(ep.whip.sessions) == 3
+                          and all(s.packets > 0 for s in ep.whip.sessions.values()), 15,
+                          "media from every publisher")
+        finally:
+            for pub in pubs:
+                await pub.pc.close()
+    assert lookups == []
 
 
 def _fds() -> int:

@@ -14,6 +14,7 @@ import asyncio
 import fractions
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,12 @@ class Published:
 
 
 async def publish(session: aiohttp.ClientSession, url: str, audio_48k: np.ndarray, *, codec: str = "opus",
-                  token: str | None = None, loop: bool = True) -> Published:
-    """Publish one track to a WHIP endpoint; raises AssertionError with the server's answer if refused."""
+                  token: str | None = None, loop: bool = True,
+                  rewrite: Callable[[str], str] | None = None) -> Published:
+    """Publish one track to a WHIP endpoint; raises AssertionError with the server's answer if refused.
+
+    ``rewrite``: changes the offer's SDP before it is sent (candidates as a browser writes them...).
+    """
     pc = RTCPeerConnection()
     sender = pc.addTrack(RecordingTrack(audio_48k, loop=loop))
     caps = RTCRtpSender.getCapabilities("audio")
@@ -96,7 +101,8 @@ async def publish(session: aiohttp.ClientSession, url: str, audio_48k: np.ndarra
     headers = {"Content-Type": "application/sdp"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    async with session.post(url, data=pc.localDescription.sdp, headers=headers,
+    offer = pc.localDescription.sdp if rewrite is None else rewrite(pc.localDescription.sdp)
+    async with session.post(url, data=offer, headers=headers,
                             timeout=aiohttp.ClientTimeout(total=30)) as r:
         body = await r.text()
         if r.status != 201:

@@ -265,13 +265,16 @@ class SitePolicy:
         object.__setattr__(self, "allowed_origins", frozenset(_origin(o) for o in self.allowed_origins))
 
     def check_host(self, request: HttpRequest, where: Listen | None) -> Response | None:
-        """403 when a loopback server (``where``) is asked for by a name that is not its own."""
+        """400 for a Host that cannot be a host name; 403 when a loopback server (``where``) is asked for by a
+        name that is not its own."""
+        host = request.headers.get("Host")
+        if host is not None and (not host.isascii() or not host.isprintable() or " " in host):
+            return response(400, f"the Host header {host!r} is not a host name\n")  # RFC 9112, 3.2
         # A loopback server only answers to loopback names (and allowed origins' hosts): a web page
         # whose own name re-resolves to 127.0.0.1 (DNS rebinding) must not read the feed or metrics.
         # Without an address to go by, check as if loopback: the stricter of the two.
         if where is not None and not where.loopback:
             return None
-        host = request.headers.get("Host")
         if host is None:
             return None
         name = host_name(host).lower()
@@ -306,6 +309,8 @@ class SitePolicy:
         (``--ws``), where the panel's pages are allowed from ``panel_port`` on
         the same host name once that port is known.
         """
+        if not origin.isascii():  # browsers send host names in ASCII (punycode); nothing else is echoed back
+            return False
         o = _origin(origin)
         if "*" in self.allowed_origins or o in self.allowed_origins:
             return True

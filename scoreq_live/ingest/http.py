@@ -18,13 +18,14 @@ in the offer, as browsers do once gathering completes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
 from aiohttp import web
 
 from scoreq_live.http.policy import SitePolicy
-from scoreq_live.http.site import HttpSite, policy_request, web_response
+from scoreq_live.http.site import HttpSite, policy_request, read_body, web_response
 from scoreq_live.ingest.whip import WhipError, WhipIngest
 from scoreq_live.sources.base import StreamSet
 
@@ -63,7 +64,7 @@ class IngestRoutes:
         """Add the ingest routes to ``site``, whose policy decides access (the site has checked the Host)."""
         policy = site.policy
         if self.whip is not None:
-            endpoint = _WhipEndpoint(self.whip, policy)
+            endpoint = _WhipEndpoint(self.whip, policy, site.body_timeout_s)
             site.router.add_route("*", "/whip", endpoint.collection)
             site.router.add_route("*", "/whip/{session}", endpoint.resource)
         if self.media is not None:
@@ -108,9 +109,10 @@ def _cors(origin: str) -> dict[str, str]:
 
 
 class _WhipEndpoint:
-    def __init__(self, whip: WhipIngest, policy: SitePolicy):
+    def __init__(self, whip: WhipIngest, policy: SitePolicy, body_timeout_s: float):
         self.whip = whip
         self.policy = policy
+        self.body_timeout_s = body_timeout_s
 
     def _preflight(self, request: web.Request, methods: str) -> web.Response:
         headers = {"Allow": methods}
@@ -144,7 +146,12 @@ class _WhipEndpoint:
         limit = self.whip.settings.max_offer_bytes
         if request.content_length is not None and request.content_length > limit:
             return _reply(413, f"the offer is larger than {limit} bytes", cors)
-        body = await request.content.read(limit + 1)
+        try:
+            body = await read_body(request, limit, self.body_timeout_s)
+        except asyncio.TimeoutError:
+            resp = _reply(408, f"the offer did not arrive within {self.body_timeout_s:g} s", cors)
+            resp.force_close()
+            return resp
         if len(body) > limit:
             return _reply(413, f"the offer is larger than {limit} bytes", cors)
         try:

@@ -10,6 +10,15 @@ being set up in that task sees it), the chosen addresses are used, and
 everywhere else aioice behaves as it always does.  The test suite checks that
 the chosen address is the one in the SDP answer, so a later aioice that looks
 its addresses up differently fails there, not silently.
+
+A publisher's candidates may name its address with an mDNS name
+(``UUID.local``, as browsers do to keep local addresses private); aioice
+would then ask the local network for it (multicast, and the answer waited
+for), on every offer anyone posts.  :func:`without_mdns_candidates` drops
+those from an offer before it is answered, and with them the offer's
+``a=end-of-candidates``: a publisher that offers only such candidates still
+connects, its address learnt from its own connectivity checks (a
+peer-reflexive candidate), as long as it can reach one of ours.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import aioice.ice
 
 from scoreq_live.errors import ScoreqLiveError
 
-__all__ = ["IceError", "check_hosts", "gathering_on", "install"]
+__all__ = ["IceError", "check_hosts", "gathering_on", "install", "without_mdns_candidates"]
 
 _HOSTS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("scoreq_live_ice_hosts",
                                                                                default=None)
@@ -73,3 +82,22 @@ def gathering_on(hosts: Sequence[str] | None) -> Iterator[None]:
         yield
     finally:
         _HOSTS.reset(token)
+
+
+def _mdns_name(address: str) -> bool:
+    return address.rstrip(".").lower().endswith(".local")
+
+
+def without_mdns_candidates(sdp: str) -> tuple[str, int]:
+    """``sdp`` without its ``a=candidate`` lines whose address is an mDNS name (``*.local``); how many went.
+
+    When any went, ``a=end-of-candidates`` goes too: the publisher's address is still to be learnt from
+    its checks, and ICE must wait for them rather than fail on an empty candidate list.
+    """
+    lines = sdp.splitlines(keepends=True)
+    # a=candidate:FOUNDATION COMPONENT TRANSPORT PRIORITY ADDRESS PORT typ TYPE ...
+    mdns = [line.startswith("a=candidate:") and len(f := line.split()) > 4 and _mdns_name(f[4]) for line in lines]
+    if not any(mdns):
+        return sdp, 0
+    kept = [line for line, drop in zip(lines, mdns) if not drop and line.rstrip() != "a=end-of-candidates"]
+    return "".join(kept), sum(mdns)

@@ -311,6 +311,13 @@ class TwilioParser:
 
     def text(self, data: str) -> list[MediaEvent]:
         try:
+            return self._text(data)
+        except RecursionError:  # '[[[[...': deeper than the parser (or a repr of a value) goes
+            raise ProtocolError("message nests JSON too deeply: Twilio Media Streams messages are JSON objects "
+                                "a few levels deep") from None
+
+    def _text(self, data: str) -> list[MediaEvent]:
+        try:
             msg = json.loads(data)
         except ValueError:
             raise _invalid("message is not JSON: Twilio Media Streams messages are JSON objects") from None

@@ -41,7 +41,7 @@ from aiortc.rtp import RtcpByePacket
 from aiortc.sdp import SessionDescription
 
 from scoreq_live.errors import ScoreqLiveError
-from scoreq_live.ingest.ice import gathering_on
+from scoreq_live.ingest.ice import gathering_on, without_mdns_candidates
 from scoreq_live.rtp.codecs import Codec, CodecError, codec_by_name
 from scoreq_live.rtp.packet import RtpPacket
 from scoreq_live.rtp.receiver import RtpStream
@@ -216,8 +216,11 @@ class WhipIngest(StreamSet):
         source = WebRtcSource(stream_name, None, f"WebRTC from {peer or 'a publisher'} (WHIP session {sid})")
         loop = asyncio.get_running_loop()
         session = WhipSession(sid, stream_name, pc, source, codecs, loop.time(), peer, last_media=loop.time())
+        offered, mdns = without_mdns_candidates(sdp)  # never looked up: the publisher's checks reveal its address
+        if mdns:
+            log.debug("WHIP offer from %s: %d mDNS (.local) candidate(s) left out", peer or "?", mdns)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offered, type="offer"))
             for t in pc.getTransceivers():
                 if t.kind == "audio":
                     self._tap(session, t.receiver)
