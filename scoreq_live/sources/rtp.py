@@ -210,10 +210,13 @@ class RtpPort(StreamSet):
                 while self._drain(MAX_READ) == MAX_READ and len(self._backlog) < self._queue_max:
                     pass
                 backlog, self._backlog = self._backlog, collections.deque()
-                for data, addr, at in backlog:
+                verdict_at = loop.time()  # everything that came before is in `backlog`
+                for k, (data, addr, at) in enumerate(backlog):
+                    if k and not k % MAX_READ:
+                        await asyncio.sleep(0)  # a flood's backlog is worked off in slices: the loop stays free
                     for ev in self.demux.datagram(data, addr, at):
                         self.adapter.event(ev.ssrc, ev, self._source)
-                for ev in self.demux.expire(loop.time()):
+                for ev in self.demux.expire(verdict_at):
                     self.adapter.event(ev.ssrc, ev, self._source)
                 self.adapter.deliver()
                 for src in self.adapter.new():
