@@ -107,6 +107,7 @@ class WhipSession:
     last_media: float = 0.0  # loop time of the latest RTP packet (the creation time until one comes)
     packets: int = 0
     ended: str | None = None  # why, once it has ended
+    ended_at: float = 0.0  # loop time it ended
     streams: dict[int, RtpStream] = field(default_factory=dict)  # by SSRC (one, unless the sender restarts)
 
     @property
@@ -322,6 +323,7 @@ class WhipIngest(StreamSet):
         if session.ended is not None:
             return
         session.ended = reason
+        session.ended_at = asyncio.get_running_loop().time()
         self.sessions.pop(session.id, None)
         self.adapter.gone(session.id, reason)
         task = asyncio.get_running_loop().create_task(self._close_pc(session), name=f"whip-close:{session.id}")
