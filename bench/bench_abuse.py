@@ -223,15 +223,18 @@ def main() -> None:
     sender = threading.Thread(target=good_call, args=(rtp_port, payloads, stop), daemon=True)
     sender.start()
     results: dict[str, list[tuple[float, int]]] = {"quiet": []}
+    spans: dict[str, list[tuple[float, float]]] = {}  # wall-clock spans of each kind of round
     try:
         time.sleep(10)  # the call's first windows are scored
         for _ in range(repeats):
             for name, attack in ATTACKS.items():
                 for label, fn in (("quiet", quiet), (name, attack)):
                     before = mon.lag_buckets()
+                    t0 = time.time()
                     asyncio.run(fn(mon, rtp_port, payloads, round_s))
                     time.sleep(1.0)  # what the attack left queued is worked off inside the round
                     results.setdefault(label, []).append(p99(before, mon.lag_buckets()))
+                    spans.setdefault(label, []).append((t0, time.time()))
                     print(f"{label:13s} p99 loop lag <= {results[label][-1][0] * 1000:7.1f} ms "
                           f"({results[label][-1][1]} samples)", file=sys.stderr, flush=True)
     finally:
@@ -244,13 +247,23 @@ def main() -> None:
     q = statistics.median(v for v, _ in results["quiet"])
     print(f"\nloop lag p99 per round (bucket upper bounds), {repeats} rounds of {round_s:g} s each, interleaved "
           "with quiet rounds")
-    print(f"{'round':14s} {'median p99':>11s} {'max p99':>9s} {'vs quiet':>9s}")
+    print(f"{'round':14s} {'median p99':>11s} {'max p99':>9s} {'vs quiet':>9s}   the good call's windows in them")
     report = {}
+    scores = [e for e in mon.events if e["type"] == "score" and e["stream"].startswith("good-600d0001")]
     for label, vals in results.items():
         med = statistics.median(v for v, _ in vals)
         mx = max(v for v, _ in vals)
-        report[label] = {"p99_median_s": med, "p99_max_s": mx, "ratio": med / q if q else None}
-        print(f"{label:14s} {med * 1000:9.1f}ms {mx * 1000:7.1f}ms {med / q if q else float('nan'):8.1f}x")
+        mine = [e for e in scores if any(a <= e["ts"] < b for a, b in spans[label])]
+        mos = [e["mos"] for e in mine if e["mos"] is not None]
+        skipped = sum(1 for e in mine if e["reason"] == "overloaded")
+        lost = sum(e["net"]["lost"] for e in mine if e.get("net"))
+        expected = sum(e["net"]["expected"] for e in mine if e.get("net"))
+        report[label] = {"p99_median_s": med, "p99_max_s": mx, "ratio": med / q if q else None,
+                         "windows": len(mine), "mos_mean": statistics.fmean(mos) if mos else None,
+                         "overloaded": skipped, "packets_lost": lost, "packets_expected": expected}
+        print(f"{label:14s} {med * 1000:9.1f}ms {mx * 1000:7.1f}ms {med / q if q else float('nan'):8.1f}x   "
+              f"{len(mine)} windows, mean MOS {statistics.fmean(mos) if mos else float('nan'):.3f}, "
+              f"{skipped} skipped (overloaded), packets lost {lost}/{expected}")
     print(f"\ngood call: {len(starts)} stream_started, ends {[e['reason'] for e in ends]} "
           f"({'not split' if len(starts) == 1 else 'SPLIT'})")
     report["good_call"] = {"started": len(starts), "ended": [e["reason"] for e in ends]}
