@@ -161,6 +161,17 @@ async def test_an_aiortc_publisher_is_scored_like_the_same_audio_after_opus_and_
     assert not ep.whip.sessions
 
 
+async def made_offer(kind: str) -> str:
+    """A real peer's offer to send one ``kind`` track (its candidates on the loopback)."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver(kind, direction="sendonly")
+    with gathering_on(["127.0.0.1"]):
+        await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
 async def test_bad_requests_get_a_clear_http_error_and_nothing_else(tiny, speech):
     scorer, cfg = tiny
     async with endpoint(scorer, cfg, token="s3cret", origins=("https://ok.example",), max_sessions=1,
@@ -173,12 +184,7 @@ async def test_bad_requests_get_a_clear_http_error_and_nothing_else(tiny, speech
                 return r.status, await r.text()
 
         # An offer with video only, made by a real peer.
-        pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="sendonly")
-        with gathering_on(["127.0.0.1"]):
-            await pc.setLocalDescription(await pc.createOffer())
-        video_only = pc.localDescription.sdp
-        await pc.close()
+        video_only = await made_offer("video")
 
         assert (await post("v=0\r\n", {"Content-Type": "application/sdp"}))[0] == 401
         assert (await post("v=0\r\n", {"Content-Type": "application/sdp", "Authorization": "Bearer nope"}))[0] == 401
@@ -207,12 +213,7 @@ async def test_bad_requests_get_a_clear_http_error_and_nothing_else(tiny, speech
             assert r.status == 405 and "POST" in r.headers["Allow"]
         async with http.delete(ep.url + "/nosuchsession", headers=auth) as r:
             assert r.status == 404
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendonly")
-        with gathering_on(["127.0.0.1"]):
-            await pc.setLocalDescription(await pc.createOffer())
-        audio = pc.localDescription.sdp
-        await pc.close()
+        audio = await made_offer("audio")
         status, text = await post(re.sub(r"m=audio \d+", "m=audio 0", audio), sdp)
         assert status == 400 and "port 0" in text
         status, text = await post("\r\n".join(line for line in audio.split("\r\n")
@@ -241,14 +242,7 @@ async def test_bad_requests_get_a_clear_http_error_and_nothing_else(tiny, speech
 async def test_concurrent_offers_cannot_pass_the_session_cap_together(tiny):
     """Ten real offers posted at once to an endpoint that takes three: a place is taken before any await."""
     scorer, cfg = tiny
-    offers = []
-    for _ in range(10):
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendonly")
-        with gathering_on(["127.0.0.1"]):
-            await pc.setLocalDescription(await pc.createOffer())
-        offers.append(pc.localDescription.sdp)
-        await pc.close()
+    offers = [await made_offer("audio") for _ in range(10)]
     async with endpoint(scorer, cfg, max_sessions=3) as ep, aiohttp.ClientSession() as http:
         async def post(body: str) -> tuple[int, str]:
             async with http.post(ep.url, data=body, headers={"Content-Type": "application/sdp"}) as r:
