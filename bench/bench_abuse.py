@@ -35,28 +35,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests import rtp_tools as rt  # noqa: E402
+from tests.media_tools import mulaw_encode  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 GOOD_SSRC = 0x600D0001
 
 
 def ulaw_payloads(path: Path) -> list[bytes]:
+    """20 ms PCMU payloads of a recording (the tests' G.711 encoder)."""
     import soxr
 
     x, sr = sf.read(path, dtype="float32", always_2d=True)
-    x8 = soxr.resample(x.mean(axis=1), sr, 8000)
-    s = np.clip(np.round(x8 * 32768.0), -32768, 32767).astype(np.int32)
-    sign = (s < 0).astype(np.int32)
-    mag = np.minimum(np.abs(s), 32635) + 0x84
-    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    code = (~((sign << 7) | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+    code = mulaw_encode(soxr.resample(x.mean(axis=1), sr, 8000))
     return [code[i:i + 160] for i in range(0, len(code) - 159, 160)]
 
 

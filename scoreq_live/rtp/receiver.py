@@ -132,13 +132,13 @@ class RtpStream:
         """One packet of this SSRC, arrived at ``arrival_s`` (seconds, any fixed origin)."""
         if self.ended:
             return
-        if not self._fair(pkt, arrival_s):
+        codec = self._codecs.get(pkt.payload_type)
+        if not self._fair(pkt, codec, arrival_s):
             self.over_rate += 1
             return
         if self.last_arrival_s:
             self.interval_s += 0.1 * (max(arrival_s - self.last_arrival_s, 0.0) - self.interval_s)
         self.last_arrival_s = arrival_s
-        codec = self._codecs.get(pkt.payload_type)
         self.unknown_run = self.unknown_run + 1 if codec is None else 0
         clock = codec.clock_rate if codec is not None and codec.decodable else 0
         if clock and not self.codec_name and codec is not None:
@@ -153,9 +153,8 @@ class RtpStream:
             self._net.add_duplicate(self._pos_of(ext_ts, clock))
         self._play(self._jb.release(arrival_s))
 
-    def _fair(self, pkt: RtpPacket, arrival_s: float) -> bool:
+    def _fair(self, pkt: RtpPacket, codec: Codec | None, arrival_s: float) -> bool:
         """Whether this packet's media time fits the sender's share (a token bucket in media seconds)."""
-        codec = self._codecs.get(pkt.payload_type)
         if codec is None or not codec.decodable or codec.clock_rate <= 0:
             return True  # nothing to decode: costs nothing
         if self._media_ts is None:
