@@ -55,7 +55,7 @@ async def until_closed(reader: asyncio.StreamReader, limit: float) -> tuple[floa
 
 
 async def test_slow_and_idle_connections_are_closed_and_others_are_served_meanwhile():
-    idle = 1.0
+    idle = 2.0
     async with site(idle_timeout_s=idle, body_timeout_s=idle) as port:
         head = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: " + b"s" * 200 + b"\r\n\r\n"
 
@@ -83,7 +83,8 @@ async def test_slow_and_idle_connections_are_closed_and_others_are_served_meanwh
             t0 = time.monotonic()
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert r.status == 200 and await r.text() == "up 1\n"
-            assert time.monotonic() - t0 < 0.5
+            # Served while every slow connection is still open: they hold nothing up (no timing needed).
+            assert not any(t.done() for t in slow), f"served only after {time.monotonic() - t0:.2f} s"
 
         # A connection that sends nothing, and one that stays open after its answer (keep-alive).
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -99,9 +100,11 @@ async def test_slow_and_idle_connections_are_closed_and_others_are_served_meanwh
         writer2.close()
     print(f"100 slow heads closed after {closed_after[0]:.2f}..{closed_after[-1]:.2f} s; silent after "
           f"{quiet[0]:.2f} s; idle after its answer {kept[0]:.2f} s (timeout {idle} s)")
-    assert idle - 0.1 < closed_after[0] and closed_after[-1] < idle + 1.0
-    assert idle - 0.1 < quiet[0] < idle + 1.0 and quiet[1] == b""
-    assert idle - 0.1 < kept[0] < idle + 1.0 and kept[1] == b""
+    # Closed by the timeout (not before it; a busy machine may be late by a few seconds, never by the 48 s the
+    # slow heads would take to finish).
+    assert idle - 0.1 < closed_after[0] and closed_after[-1] < idle + 5.0
+    assert idle - 0.1 < quiet[0] < idle + 5.0 and quiet[1] == b""
+    assert idle - 0.1 < kept[0] < idle + 5.0 and kept[1] == b""
 
 
 async def test_a_request_body_sent_slowly_is_refused_with_408():
@@ -126,8 +129,8 @@ async def test_a_request_body_sent_slowly_is_refused_with_408():
             sender.cancel()
             writer.close()
     assert got.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in rest, got + rest
-    assert 0.9 < answered < 1.5, answered
-    assert took < 2.0 + 0.5, took  # then the rest of the body is read (and dropped) for 2 s at most
+    assert 0.9 < answered < 4.0, answered  # the body timeout (1 s), not the 20 s the dribble would take
+    assert took < 2.0 + 3.0, took  # then the rest of the body is read (and dropped) for 2 s at most
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
@@ -234,4 +237,4 @@ def test_a_monitor_out_of_open_files_logs_a_line_not_a_flood_and_recovers():
     assert 1 <= len(accept_lines) <= 2, out[-3000:]
     assert "Too many open files" in accept_lines[0]
     assert ACCEPT_ERROR not in out and "Traceback" not in out, out[-3000:]
-    assert recovered < 3.0
+    assert recovered < 10.0  # serves again once descriptors are free (a quiet machine: about 1 s)

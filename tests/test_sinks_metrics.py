@@ -76,11 +76,11 @@ async def test_the_event_loops_lag_is_measured_while_the_sink_runs():
     task = asyncio.create_task(m.run(bus.subscribe()))
     await asyncio.sleep(0.35)  # a few samples of a loop that keeps up
     quiet = samples(m)[("scoreq_live_loop_lag_max_seconds", ())]
-    time.sleep(0.6)  # something holds the loop
+    time.sleep(1.2)  # something holds the loop
     await asyncio.sleep(0.25)
     s = samples(m)
     bus.close()
     await task
-    assert quiet < 0.5 <= s[("scoreq_live_loop_lag_max_seconds", ())]
+    assert quiet < 1.0 <= s[("scoreq_live_loop_lag_max_seconds", ())]
     assert s[("scoreq_live_loop_lag_seconds_count", ())] >= 3
-    assert s[("scoreq_live_loop_lag_seconds_bucket", (("le", "0.25"),))] < s[("scoreq_live_loop_lag_seconds_count", ())]
+    assert s[("scoreq_live_loop_lag_seconds_bucket", (("le", "0.5"),))] < s[("scoreq_live_loop_lag_seconds_count", ())]
