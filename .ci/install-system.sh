@@ -35,6 +35,12 @@ set -euo pipefail
 # One feed for many monitors (tests/redis_tools.py, `--publish`, `feed --subscribe`):
 #   redis-server       - the broker the tests start on a loopback port of their
 #                        own (Debian's service is not used)
+#
+# Call records in PostgreSQL (tests/pg_tools.py, `--store postgresql://...`):
+#   postgresql         - initdb/pg_ctl for a throwaway cluster the tests start on
+#                        a loopback port of their own (Debian's own cluster/service
+#                        is not used); the binaries live in
+#                        /usr/lib/postgresql/<version>/bin, not on PATH
 # ---------------------------------------------------------------------------
 PACKAGES=(
     # microphone path
@@ -51,6 +57,8 @@ PACKAGES=(
     libcap2-bin
     # one feed for many monitors
     redis-server
+    # call records in PostgreSQL
+    postgresql
 )
 
 missing=()

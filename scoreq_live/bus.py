@@ -50,8 +50,9 @@ class EventBus:
         self._subs: set[Subscription] = set()
         self.closed = False
         self.published = 0
-        # Callables event -> events that follow from it (alert rules): what they return is
-        # published right after the event itself, so every subscriber sees cause before effect.
+        # Callables event -> events that follow from it (alert rules, call records): what they return is
+        # published right after the event itself, so every subscriber sees cause before effect.  What one
+        # returns is also fed to those after it (the call records see the alerts the rules raise).
         self.derive: list[Callable[[Event], Iterable[Event]]] = []
 
     @property
@@ -68,15 +69,18 @@ class EventBus:
         return sub
 
     def publish(self, event: Event) -> None:
+        self._publish(event, 0)
+
+    def _publish(self, event: Event, first: int) -> None:
         self._deliver(event)
-        for derive in self.derive:
+        for i in range(first, len(self.derive)):
             try:
-                follows = list(derive(event))
+                follows = list(self.derive[i](event))
             except Exception:  # a broken rule must not stop the event stream
                 log.exception("deriving events from %s failed", event.type)
                 continue
             for follow in follows:
-                self._deliver(follow)
+                self._publish(follow, i + 1)
 
     def _deliver(self, event: Event) -> None:
         self.published += 1

@@ -7,6 +7,7 @@
     scoreq-live models    list|pull|import|quantize|remove ...
     scoreq-live reference add|list|show|remove ...
     scoreq-live feed      --subscribe redis://HOST:6379/CHANNEL [--ws HOST:PORT] [--http HOST:PORT]
+    scoreq-live calls     [--since 1d] [--below 3.0] [--stream NAME] [--json|--csv] | calls show ID
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from scoreq_live import __version__
 from scoreq_live.errors import ScoreqLiveError
 
 if TYPE_CHECKING:
+    from scoreq_live.calls.sink import StoreOptions
     from scoreq_live.monitor import FeedOptions, MonitorOptions
     from scoreq_live.scoring.load import ScoringOptions
     from scoreq_live.sinks.base import Sink
 
-COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench", "feed")
+COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench", "feed", "calls")
+
+
+STORE_ENV = "SCOREQ_LIVE_STORE"
 
 
 def _err(msg: str) -> int:
@@ -118,6 +123,33 @@ def _feed_args(p: argparse.ArgumentParser) -> None:
                         "--http is given, else 0)")
 
 
+def _store_args(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("call records: a record per stream and per call, with its timeline")
+    g.add_argument("--store", metavar="PATH.db|postgresql://...",
+                   help=f"keep {what} in a SQLite file (created) or PostgreSQL; 'scoreq-live calls', the "
+                        "/api/calls API and the panel's /history read them (default: $SCOREQ_LIVE_STORE)")
+    g.add_argument("--retain", default="30d", metavar="AGE",
+                   help="remove calls older than AGE, e.g. 30d, 12h; 'never' keeps them (default 30d)")
+    g.add_argument("--store-buffer", type=int, default=100_000, metavar="N",
+                   help="timeline rows kept while the database cannot be written; beyond, rows are counted as "
+                        "lost and reported (default 100000)")
+
+
+def store_options(a: argparse.Namespace, monitor: str = "") -> StoreOptions | None:
+    import os
+
+    from scoreq_live.calls.sink import StoreOptions
+    from scoreq_live.calls.store import parse_age
+    from scoreq_live.errors import ConfigError
+
+    target = a.store or os.environ.get(STORE_ENV)
+    if not target:
+        return None
+    if a.store_buffer < 1:
+        raise ConfigError(f"--store-buffer must be at least 1 (got {a.store_buffer})")
+    return StoreOptions(target, retain_s=parse_age(a.retain, "--retain"), buffer=a.store_buffer, monitor=monitor)
+
+
 def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC",
                    help="'mic', 'mic:NAME_OR_INDEX', an audio file, rtp://HOST:PORT[?codec=opus&pt=111] (a stream "
@@ -137,6 +169,7 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tui", action="store_true", help="no terminal panel (for services and pipes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no start-up messages")
     _feed_args(p)
+    _store_args(p, "a record of every stream and call")
     _scoring_args(p)
 
 
@@ -168,6 +201,7 @@ def _relay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jsonl", metavar="PATH|-", help="also write every relayed event as a JSON line")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("-q", "--quiet", action="store_true", help="no start-up messages")
+    _store_args(p, "the records every monitor sends, once,")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_commands(mo_sub)
     add_reference_parser(sub)
+    from scoreq_live.cli_calls import add_calls_parser
+
+    add_calls_parser(sub)
     return p
 
 
@@ -240,6 +277,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
                           jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout, max_latency_s=a.max_latency,
                           publish=a.publish, monitor_name=a.monitor_name, publish_buffer=a.publish_buffer,
+                          store=store_options(a, a.monitor_name or ""),
                           ingest=IngestOptions(listen=a.whip, ice_hosts=tuple(a.ice_host), stun=tuple(a.stun),
                                                max_sessions=a.max_sessions))
 
@@ -259,7 +297,10 @@ def cmd_monitor(a: argparse.Namespace) -> int:
     from scoreq_live.sinks.status import StatusSink
     from scoreq_live.sinks.terminal import TerminalSink
 
-    opts = monitor_options(a)
+    try:
+        opts = monitor_options(a)
+    except ScoreqLiveError as e:
+        return _err(str(e))
     console = Console(stderr=True)
     notify = (lambda line: None) if a.quiet else (lambda line: console.print(line, highlight=False))
     try:
@@ -408,10 +449,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 def cmd_feed(a: argparse.Namespace) -> int:
     from scoreq_live.relay import RelayOptions, RelayServer
 
-    opts = RelayOptions(subscribe=tuple(a.subscribe), feed=feed_options(a, a.ws), mode=a.mode, bands=a.bands,
-                        jsonl=a.jsonl, duration=a.duration)
     notify = (lambda line: None) if a.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
+        opts = RelayOptions(subscribe=tuple(a.subscribe), feed=feed_options(a, a.ws), mode=a.mode, bands=a.bands,
+                            jsonl=a.jsonl, duration=a.duration, store=store_options(a))
         relay = RelayServer(opts, notify=notify)
         asyncio.run(relay.run())
     except ScoreqLiveError as e:
@@ -419,6 +460,12 @@ def cmd_feed(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return _outputs_status(relay.sinks)
+
+
+def cmd_calls(a: argparse.Namespace) -> int:
+    from scoreq_live.cli_calls import cmd_calls as run
+
+    return run(a)
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -448,4 +495,4 @@ def main(argv: list[str] | None = None) -> int:
         a.models_command = "list"
     return {"monitor": cmd_monitor, "demo": cmd_demo, "score": cmd_score,
             "devices": cmd_devices, "models": cmd_models, "reference": cmd_reference, "bench": cmd_bench,
-            "feed": cmd_feed}[a.command](a)
+            "feed": cmd_feed, "calls": cmd_calls}[a.command](a)

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scoreq_live.bus import EventBus
-from scoreq_live.core.events import EndReason, InputDropped, ScoreEvent, StreamEnded, StreamError, StreamStarted
+from scoreq_live.core.events import (
+    EndReason,
+    InputDropped,
+    ScoreEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+    new_id,
+)
 from scoreq_live.core.schedule import OVERLOADED, LiveScheduler
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
 from scoreq_live.scoring.runner import BatchScorer, Outcome, Runner, runner_for
@@ -245,7 +253,8 @@ class Engine:
                 if not started:
                     self._started(source)
                 self.bus.publish(StreamEnded(stream=source.name, ts=self.wall(), reason=end_reason,
-                                             t=core.t, windows=core.windows, scored=core.scored))
+                                             t=core.t, windows=core.windows, scored=core.scored,
+                                             net=source.net_summary()))
             self.schedule.forget(core)
             if self.cores.get(source.name) is core:  # forget it: the outputs keep what they show of it
                 del self.cores[source.name]
@@ -256,7 +265,7 @@ class Engine:
         self.bus.publish(StreamStarted(
             stream=source.name, ts=self.wall(), source=source.kind, detail=source.detail,
             rate=source.rate, channels=source.channels, model=cfg.model, mode=cfg.mode,
-            window_s=cfg.window_s, hop_s=cfg.hop_s))
+            window_s=cfg.window_s, hop_s=cfg.hop_s, id=new_id(), call=source.call, meta=dict(source.meta) or None))
 
     # -- taking batches -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from scoreq_live.bus import EventBus
+from scoreq_live.calls.record import Recorder
 from scoreq_live.core.alerts import AlertEvaluator, AlertRule, check_rule_mode, parse_rule
 from scoreq_live.engine import Engine, EngineConfig
 from scoreq_live.errors import ConfigError
@@ -31,6 +32,7 @@ from scoreq_live.sinks.base import Sink, close_sinks, start_sinks
 from scoreq_live.sources import Input, open_inputs
 
 if TYPE_CHECKING:
+    from scoreq_live.calls.sink import StoreOptions
     from scoreq_live.http.policy import Listen
     from scoreq_live.http.site import HttpSite
     from scoreq_live.ingest.http import IngestRoutes
@@ -114,6 +116,7 @@ class MonitorOptions:
     publish: str | None = None
     monitor_name: str | None = None
     publish_buffer: int = 10_000
+    store: StoreOptions | None = None  # --store: call records and timelines kept in SQLite or PostgreSQL
 
     @property
     def publishers(self) -> bool:
@@ -200,6 +203,8 @@ class Monitor:
         bus = EventBus()
         if self.rules:
             bus.derive.append(AlertEvaluator(self.rules).feed)  # alert events follow the score that caused them
+        # A stream's record follows its end, a call's the end of its last stream (and sees the alerts above).
+        bus.derive.append(Recorder({self.scoring.mode: self.bands}).feed)
         async with serving(self.sites):
             sink_tasks = await start_sinks(self.sinks, bus)
             engine = self.engine = Engine(
@@ -261,6 +266,10 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     monitor = Monitor(opts, sources, scoring, rules, bands)
     if opts.jsonl:
         monitor.sinks.append(JsonlSink(opts.jsonl))
+    if opts.store is not None:
+        from scoreq_live.calls.sink import StoreSink
+
+        monitor.sinks.append(StoreSink(opts.store))
     if where.feed or endpoints is not None:
         _add_served(monitor, opts.feed or FeedOptions(ws=None), where, notify, endpoints)
     if opts.alert_webhook:
@@ -355,7 +364,8 @@ class Served:
 
 
 def serve_parts(feed: FeedOptions, where: Addresses, info: FeedInfo, *, metrics_model: str | None = None,
-                endpoints: IngestRoutes | None = None, notify: Notify | None = None) -> Served:
+                endpoints: IngestRoutes | None = None, notify: Notify | None = None,
+                store: str | None = None) -> Served:
     """The feed, the metrics and the HTTP sites ``where`` asks for, each site with the routes it serves.
 
     The one place routes are put on sites: the ``--http`` site serves the
@@ -364,7 +374,11 @@ def serve_parts(feed: FeedOptions, where: Addresses, info: FeedInfo, *, metrics_
     is built for it.  ``info``: what the feed's ``hello`` says;
     ``metrics_model``: the model ``/metrics`` names (default: ``info``'s).
     Every site and the feed share one policy: ``feed``'s token and origins.
+    ``store``: the call records the ``--http`` site serves at ``/api/calls``
+    (for the history page).
     """
+    from scoreq_live.calls.api import CallsRoutes
+    from scoreq_live.calls.store import Store
     from scoreq_live.http.policy import SitePolicy
     from scoreq_live.http.routes import MetricsRoutes, PanelRoutes
     from scoreq_live.http.site import HttpSite
@@ -382,7 +396,8 @@ def serve_parts(feed: FeedOptions, where: Addresses, info: FeedInfo, *, metrics_
     if where.http is not None:
         served.metrics = MetricsSink(info.model if metrics_model is None else metrics_model, info.mode)
         site = HttpSite(where.http, policy, flag="--http", notify=notify)
-        site.add(PanelRoutes(PANEL_DIR), MetricsRoutes(served.metrics.render))
+        site.add(PanelRoutes(PANEL_DIR), MetricsRoutes(served.metrics.render),
+                 CallsRoutes(Store(store) if store is not None else None, info.mode, info.bands))
         if served.feed is not None:
             served.metrics.watch_feed(served.feed.hub)
             site.add(served.feed)
@@ -401,7 +416,9 @@ def _add_served(monitor: Monitor, feed: FeedOptions, where: Addresses, notify: N
     stream = monitor.scoring.stream
     info = FeedInfo(model=stream.model, mode=stream.mode, window_s=stream.window_s, hop_s=stream.hop_s,
                     bands=monitor.bands.to_dict())
-    served = serve_parts(feed, where, info, endpoints=endpoints, notify=notify)
+    store = monitor.options.store
+    served = serve_parts(feed, where, info, endpoints=endpoints, notify=notify,
+                         store=store.target if store is not None else None)
     monitor.feed, monitor.metrics, monitor.sites = served.feed, served.metrics, served.sites
     monitor.sinks += served.sinks
 

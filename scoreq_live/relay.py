@@ -30,7 +30,17 @@ from prometheus_client.metrics_core import Metric
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from scoreq_live.bus import EventBus
-from scoreq_live.core.events import AlertChange, Event, Mode, MonitorGap, StreamStarted, event_from_dict
+from scoreq_live.calls.sink import StoreOptions
+from scoreq_live.core.events import (
+    AlertChange,
+    CallRecord,
+    Event,
+    Mode,
+    MonitorGap,
+    StreamRecord,
+    StreamStarted,
+    event_from_dict,
+)
 from scoreq_live.errors import ConfigError
 from scoreq_live.monitor import FeedOptions, Notify, listen_addresses, serve_parts
 from scoreq_live.signals import stop_on_signals, wait_stopped
@@ -125,6 +135,12 @@ class Relay:
         ev.stream = f"{name}/{ev.stream}" if ev.stream else ""
         if isinstance(ev, AlertChange) and ev.id:
             ev.id = f"{name}/{ev.id}"  # alert ids are unique per monitor: make them unique across monitors
+        elif isinstance(ev, StreamRecord):
+            ev.monitor = name
+        elif isinstance(ev, CallRecord):
+            ev.monitor = name
+            ev.streams = [{**s, "stream": f"{name}/{s.get('stream', '')}"} for s in ev.streams or ()
+                          if isinstance(s, dict)]
         out.append(ev)
         return out
 
@@ -179,6 +195,7 @@ class RelayOptions:
     jsonl: str | None = None
     duration: float | None = None
     heartbeat_timeout_s: float = 10.0  # a monitor silent this long is shown as down in /metrics
+    store: StoreOptions | None = None  # --store: record the monitors' calls, once, in SQLite or PostgreSQL
 
 
 class RelayServer:
@@ -203,7 +220,8 @@ class RelayServer:
         self.brokers: dict[str, bool] = {str(a): False for a in self.addresses}
         info = FeedInfo(model="", mode=opts.mode, window_s=0.0, hop_s=0.0,
                         bands=Bands.parse(opts.bands, opts.mode).to_dict())
-        served = serve_parts(opts.feed, where, info, metrics_model="relay", notify=self.notify)
+        served = serve_parts(opts.feed, where, info, metrics_model="relay", notify=self.notify,
+                             store=opts.store.target if opts.store is not None else None)
         assert served.feed is not None  # where.feed: it is served
         self.feed, self.hub, self.metrics, self.sites = served.feed, served.feed.hub, served.metrics, served.sites
         if self.metrics is not None:
@@ -211,6 +229,11 @@ class RelayServer:
         self.sinks: list[Sink] = []
         if opts.jsonl:
             self.sinks.append(JsonlSink(opts.jsonl))
+        if opts.store is not None:
+            from scoreq_live.calls.sink import StoreSink
+
+            # The monitors send their records; the relay writes them and the timelines under MONITOR/STREAM.
+            self.sinks.append(StoreSink(replace(opts.store, relay=True)))
         self.sinks += served.sinks
         self._models: list[str] = []
         self.ping_s = 10.0  # a subscription quiet this long is pinged; no answer in as long again: reconnect

@@ -47,7 +47,7 @@ def recordings(data: Path) -> dict[str, list[bytes]]:
 
 def scores(events: list[dict], stream: str) -> dict[float, float]:
     """Window start -> MOS of the windows the monitor scored in ``stream``, which must have ended cleanly."""
-    mine = [e for e in events if e["stream"] == stream]
+    mine = [e for e in events if e["stream"] == stream and e["type"] != "stream_record"]
     assert mine and mine[-1]["type"] == "stream_ended", (stream, [e["type"] for e in mine])
     assert not [e for e in mine if e["type"] in ("stream_error", "input_dropped")], mine
     return {e["t_start"]: e["mos"] for e in mine if e["type"] == "score" and e["mos"] is not None}

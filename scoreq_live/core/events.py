@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
 
@@ -29,6 +31,14 @@ timeout (RTP, WebRTC, media websockets), the sender said goodbye (RTCP BYE), the
 or it gave its place on a full RTP port to a new sender while it sent less than audio does (``evicted``)."""
 StreamState = Literal["live", "ended", "stopped", "error"]
 """A stream's state as the outputs show it (``eof`` shows as ``ended``)."""
+
+
+def new_id() -> str:
+    """An id for a stream's run or a call: 12 hex digits of Unix milliseconds, then 8 random ones.
+
+    Sorts by time and never repeats (across restarts and monitors), where a stream's name is reused.
+    """
+    return f"{int(time.time() * 1000):012x}{os.urandom(4).hex()}"
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -169,15 +179,37 @@ class StreamStarted(Event):
     mode: Mode = "nr"
     window_s: float = 0.0
     hop_s: float = 0.0
+    # This run of the stream, unique across monitors and restarts (a name is reused; this never is).
+    id: str = ""
+    # The call the stream belongs to, as its input knows it (a Twilio callSid, a SIP Call-ID, a WHIP ?call=,
+    # the streams of one SDP live together); "" when the input knows none: the stream is a call of its own.
+    call: str = ""
+    # What the input knows of who is on the stream: ssrc, remote/local addresses, callSid, track, name, ...
+    meta: dict[str, str] | None = None
 
 
 @dataclass
 class StreamEnded(Event):
+    """A stream ended; ``net`` (packet streams only) is what the network did over the whole stream.
+
+    ``net``'s keys: ``codec``, ``expected``, ``received``, ``lost``, ``loss_pct``, ``max_burst`` (the
+    longest run of packets lost in a row), ``jitter_mean_ms`` and ``jitter_p95_ms`` (of the RFC 3550 A.8
+    estimate after each packet), ``concealed`` (share of the audio that is concealment), ``r_factor`` and
+    ``mos_cq`` (ITU-T G.107 over the whole stream, as a window's ``net`` has them).
+    """
+
     type: ClassVar[str] = "stream_ended"
     reason: EndReason = "eof"
     t: float = 0.0  # stream time at the end, seconds
     windows: int = 0
     scored: int = 0
+    net: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.net is None:
+            del d["net"]
+        return d
 
 
 @dataclass
@@ -329,6 +361,79 @@ class MonitorGap(Event):
     missing: int = 0
     missing_total: int = 0
     dropped_total: int = 0
+
+
+@dataclass
+class StreamRecord(Event):
+    """What one stream was, from start to end: sent once when it ends (:mod:`scoreq_live.calls.record`).
+
+    ``id`` is the stream's run (its ``stream_started.id``), ``call`` the id of the call record it
+    belongs to, ``call_key`` the key the input gave (see ``stream_started.call``).  ``score`` (None when
+    no window was scored) summarises the primary score of its scored windows as the ``score`` events
+    carry them: ``name`` (mos or distance), ``mean``, ``p10``, ``p90``, ``min``, ``max`` and ``worst``,
+    the worst span of :data:`~scoreq_live.calls.record.WORST_SPAN_S` (``t_start``, ``t_end``, ``mean``;
+    worst is lowest for mos, highest for distance).  ``bands``: the share of scored windows in each band.
+    ``skipped``: unscored windows by reason.  ``net``: the input's whole-stream network numbers
+    (``stream_ended.net``), None for audio inputs.  ``alerts``: each alert raised on it, with
+    ``t_raised``/``t_cleared`` (stream time) and ``duration_s``; ``alert_s`` their total.
+    ``monitor``: set by a feed relay to the monitor it came from.
+    """
+
+    type: ClassVar[str] = "stream_record"
+    id: str = ""
+    call: str = ""
+    call_key: str = ""
+    monitor: str = ""
+    source: str = ""
+    detail: str = ""
+    meta: dict[str, str] | None = None
+    started: float = 0.0  # Unix time
+    ended: float = 0.0
+    duration_s: float = 0.0  # stream time (audio seconds)
+    reason: str = "eof"
+    model: str = ""
+    mode: Mode = "nr"
+    window_s: float = 0.0
+    hop_s: float = 0.0
+    windows: int = 0
+    scored: int = 0
+    skipped: dict[str, int] | None = None
+    score: dict[str, Any] | None = None
+    bands: dict[str, float] | None = None
+    net: dict[str, Any] | None = None
+    alerts: list[dict[str, Any]] | None = None
+    alert_s: float = 0.0
+
+
+@dataclass
+class CallRecord(Event):
+    """A call: the streams that share a call key, joined; sent when its last live stream has ended.
+
+    Sent again, with the same ``id``, if another stream of the call starts soon after (a late direction):
+    a store keeps the latest.  ``stream`` is ``""`` (a call is not one stream); ``streams`` lists its
+    streams (``id``, ``stream``, ``source``, ``detail``, ``mean``, ``min``, ``loss_pct``).  ``mean``/``min``
+    over every scored window of the call, ``worst_mean`` the worst stream's mean (lowest MOS, highest
+    distance): the number to sort bad calls by.  ``loss_pct``: the worst stream's.  ``who``: the
+    parties when the inputs know them (From/To, participants), else "".
+    """
+
+    type: ClassVar[str] = "call_record"
+    id: str = ""
+    key: str = ""
+    monitor: str = ""
+    who: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    duration_s: float = 0.0
+    mode: Mode = "nr"
+    model: str = ""
+    streams: list[dict[str, Any]] | None = None
+    mean: float | None = None
+    min: float | None = None
+    worst_mean: float | None = None
+    loss_pct: float | None = None
+    alerts: int = 0
+    alert_s: float = 0.0
 
 
 def _event_types() -> dict[str, type[Event]]:

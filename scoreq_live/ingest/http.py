@@ -162,7 +162,8 @@ class _WhipEndpoint:
             return _reply(400, "the body is not an SDP offer (it must start with v=0)", cors)
         peer = request.remote or ""
         try:
-            session, answer = await self.whip.offer(sdp, request.query.get("stream"), peer=peer)
+            session, answer = await self.whip.offer(sdp, request.query.get("stream"), peer=peer,
+                                                    call=request.query.get("call"))
         except WhipError as e:
             return _reply(e.status, str(e), {**e.headers, **cors})
         location = f"/whip/{session.id}"

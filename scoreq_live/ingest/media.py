@@ -72,10 +72,10 @@ from typing import Any
 import numpy as np
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
-from scoreq_live.core.events import EndReason
+from scoreq_live.core.events import EndReason, new_id
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.rtp.codecs import G711Decoder, codec_by_name
-from scoreq_live.sources.base import STREAM_NAME, PushSource, Source, StreamSet
+from scoreq_live.sources.base import CALL_KEY, STREAM_NAME, PushSource, Source, StreamSet
 
 __all__ = [
     "CallStopped", "MediaEvent", "MediaIngest", "MediaQuery", "MediaSource", "ProtocolError", "QueryError",
@@ -92,7 +92,7 @@ MAX_TEXT_BYTES = 16 * 1024  # ... each at most this long
 RETRY_AFTER_S = 5
 _REASON_BYTES = 123  # what a websocket close frame has room for
 _TRACKS = ("inbound", "outbound")
-_QUERY_KEYS = ("codec", "rate", "channels", "stream", "token")
+_QUERY_KEYS = ("codec", "rate", "channels", "stream", "call", "token")
 _SEQ_DIGITS = 18
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -141,6 +141,7 @@ class MediaQuery:
 
     raw: RawFormat | None = None
     stream: str | None = None
+    call: str | None = None  # ?call=KEY: the call the streams belong to (streams of one key form one call record)
 
 
 _RAW_CODECS = {"l16": "L16", "pcmu": "PCMU", "pcma": "PCMA"}
@@ -159,6 +160,9 @@ def parse_media_query(items: Iterable[tuple[str, str]]) -> MediaQuery:
     stream = values.get("stream")
     if stream is not None and not STREAM_NAME.match(stream):
         raise QueryError(f"stream name {stream!r} is not valid: 1-64 of A-Z a-z 0-9 _ . : -")
+    call = values.get("call")
+    if call is not None and not CALL_KEY.match(call):
+        raise QueryError(f"call key {call[:80]!r} is not valid: 1-128 printable characters without spaces")
     if "codec" not in values:
         extra = [k for k in ("rate", "channels") if k in values]
         if extra:
@@ -167,7 +171,7 @@ def parse_media_query(items: Iterable[tuple[str, str]]) -> MediaQuery:
         if stream is not None and not STREAM_NAME.match(f"{stream}-outbound"):
             raise QueryError(f"stream name {stream!r} is too long: its tracks are named {stream}-inbound and "
                              f"{stream}-outbound, which must be at most 64 characters")
-        return MediaQuery(None, stream)
+        return MediaQuery(None, stream, call)
 
     codec = _RAW_CODECS.get(values["codec"].strip().lower())
     if codec is None:
@@ -194,7 +198,7 @@ def parse_media_query(items: Iterable[tuple[str, str]]) -> MediaQuery:
     if stream is not None and channels == 2 and not STREAM_NAME.match(f"{stream}-2"):
         raise QueryError(f"stream name {stream!r} is too long: a stereo connection's streams are {stream}-1 and "
                          f"{stream}-2, which must be at most 64 characters")
-    return MediaQuery(RawFormat(codec, rate or 8000, channels), stream)
+    return MediaQuery(RawFormat(codec, rate or 8000, channels), stream, call)
 
 
 # ------------------------------------------------------------------------------------------------- events
@@ -208,6 +212,8 @@ class TrackStarted:
     name: str
     rate: int
     detail: str
+    call: str = ""  # the call's key (a Twilio callSid, ?call=); "" for none
+    meta: tuple[tuple[str, str], ...] = ()  # what the connection says of the stream (callSid, track, peer)
 
 
 @dataclass(frozen=True)
@@ -294,6 +300,7 @@ class TwilioParser:
         self.peer = peer
         self.started = False
         self.stopped = False
+        self.call = ""  # ?call=: the call's key, instead of the call SID
         self.call_sid: str | None = None
         self.stream_sid: str | None = None
         self.prefix = ""
@@ -427,8 +434,11 @@ class TwilioParser:
             state.anchor_ms = float(ts) if ts is not None else 0.0
             sid = f" stream {self.stream_sid}" if self.stream_sid else ""
             peer = f" from {self.peer}" if self.peer else ""
+            meta = {"callSid": self.call_sid, "streamSid": self.stream_sid, "track": track, "peer": self.peer}
             out.append(TrackStarted(track, state.name, self.rate,
-                                    f"{self._encoding} {self.rate} Hz, {track} track{sid}{peer}"))
+                                    f"{self._encoding} {self.rate} Hz, {track} track{sid}{peer}",
+                                    self.call or self.call_sid or self.stream_sid or "",
+                                    tuple((k, v) for k, v in meta.items() if v)))
         filled = 0
         if ts is not None:
             if state.last_ts is not None and ts < state.last_ts:
@@ -470,6 +480,7 @@ class RawParser:
         self.max_text_bytes = max_text_bytes
         self.texts = 0
         self.started = False
+        self.call = ""  # ?call=: the call's key
         self._decode = _decoder(fmt.codec, fmt.channels, big_endian=False)
         self.tracks = [str(c + 1) for c in range(fmt.channels)] if fmt.channels > 1 else [""]
 
@@ -496,7 +507,9 @@ class RawParser:
             for i, track in enumerate(self.tracks):
                 name = f"{self.name}-{track}" if track else self.name
                 which = f", channel {i + 1} of {fmt.channels}" if track else ""
-                out.append(TrackStarted(track, name, fmt.rate, f"{fmt.codec} {fmt.rate} Hz{which}{peer}"))
+                meta = {"channel": track, "peer": self.peer}
+                out.append(TrackStarted(track, name, fmt.rate, f"{fmt.codec} {fmt.rate} Hz{which}{peer}",
+                                        self.call, tuple((k, v) for k, v in meta.items() if v)))
         frames = self._decode(data)
         for i, track in enumerate(self.tracks):
             out.append(TrackAudio(track, np.ascontiguousarray(frames[:, i])))
@@ -652,6 +665,8 @@ class MediaIngest(StreamSet):
             parser = TwilioParser(query.stream, f"media-{next(self._count)}", self.timeout_s, peer)
         else:
             parser = RawParser(query.raw, query.stream or f"media-{next(self._count)}", peer)
+        # ?call= names the call; a stereo raw connection's two channels are one call of their own without it
+        parser.call = query.call or (new_id() if query.raw is not None and query.raw.channels > 1 else "")
         conn = _Connection(ws, parser, peer)
         self.connections.add(conn)  # counted before the first await, so that max_sessions holds
         try:
@@ -728,6 +743,7 @@ class MediaIngest(StreamSet):
                 conn.sources[ev.track].push(ev.samples)
             elif isinstance(ev, TrackStarted):
                 src = MediaSource(ev.name, ev.rate, ev.detail)
+                src.call, src.meta = ev.call, dict(ev.meta)
                 conn.sources[ev.track] = src
                 self._new.append(src)
                 self._wake.set()

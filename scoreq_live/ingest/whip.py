@@ -45,7 +45,7 @@ from scoreq_live.ingest.ice import gathering_on, without_mdns_candidates
 from scoreq_live.rtp.codecs import Codec, CodecError, codec_by_name
 from scoreq_live.rtp.packet import RtpPacket
 from scoreq_live.rtp.receiver import RtpStream
-from scoreq_live.sources.base import STREAM_NAME, Source, StreamSet
+from scoreq_live.sources.base import CALL_KEY, STREAM_NAME, Source, StreamSet
 from scoreq_live.sources.push import DemuxAdapter, RtpSource, Ticker
 
 __all__ = ["WhipError", "WhipIngest", "WhipSession", "WhipSettings"]
@@ -167,7 +167,8 @@ class WhipIngest(StreamSet):
             raise WhipError(400, f"stream name {name!r} is not valid: 1-64 of A-Z a-z 0-9 _ . : -")
         return name
 
-    async def offer(self, sdp: str, name: str | None = None, peer: str = "") -> tuple[WhipSession, str]:
+    async def offer(self, sdp: str, name: str | None = None, peer: str = "",
+                    call: str | None = None) -> tuple[WhipSession, str]:
         """Answer a WHIP offer: (the new session, the SDP answer); raises :class:`WhipError` for the client."""
         if not self._running:
             raise WhipError(503, "the monitor is not taking new streams (it is stopping)", {"Retry-After": "5"})
@@ -179,12 +180,15 @@ class WhipIngest(StreamSet):
                             {"Retry-After": "5"})
         self._opening += 1
         try:
-            return await self._answer(sdp, name, peer)
+            return await self._answer(sdp, name, peer, call)
         finally:
             self._opening -= 1
 
-    async def _answer(self, sdp: str, name: str | None, peer: str) -> tuple[WhipSession, str]:
+    async def _answer(self, sdp: str, name: str | None, peer: str, call: str | None) -> tuple[WhipSession, str]:
         stream_name = self.check_name(name)
+        if call is not None and not CALL_KEY.match(call):
+            self.refused += 1
+            raise WhipError(400, f"call key {call[:80]!r} is not valid: 1-128 printable characters without spaces")
         if sdp.count("\nm=") + sdp.startswith("m=") > MAX_MEDIA_SECTIONS:
             self.refused += 1  # refused before parsing: each section costs transports, candidates, DTLS
             raise WhipError(400, f"the offer has more than {MAX_MEDIA_SECTIONS} media sections: publish one "
@@ -215,6 +219,8 @@ class WhipIngest(StreamSet):
         pc = RTCPeerConnection(RTCConfiguration(iceServers=servers or None))
         sid = secrets.token_urlsafe(12)
         source = WebRtcSource(stream_name, None, f"WebRTC from {peer or 'a publisher'} (WHIP session {sid})")
+        source.call = call or ""
+        source.meta = {k: v for k, v in (("name", name or ""), ("peer", peer), ("session", sid)) if v}
         loop = asyncio.get_running_loop()
         session = WhipSession(sid, stream_name, pc, source, codecs, loop.time(), peer, last_media=loop.time())
         offered, mdns = without_mdns_candidates(sdp)  # never looked up: the publisher's checks reveal its address

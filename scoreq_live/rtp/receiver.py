@@ -26,6 +26,7 @@ Decoded audio, concealment and fill included, is resampled to 16 kHz by the resa
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,9 +37,11 @@ import numpy as np
 from scoreq_live.core.resample import Resampler
 from scoreq_live.rtp import jitter as jb
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, Decoder, codec_by_name, make_decoder
-from scoreq_live.rtp.netstats import SAMPLE_RATE, NetHistory, NetWindow
+from scoreq_live.rtp.netstats import SAMPLE_RATE, NetHistory, NetWindow, burst_ratio, quality
 from scoreq_live.rtp.packet import RtpPacket, is_rtcp, parse_rtcp_bye, parse_rtp
 
+JITTER_BIN_S = 0.0005  # a stream's jitter estimates are counted in 0.5 ms steps, ...
+JITTER_BINS = 1000  # ... up to 0.5 s (more counts as 0.5 s), for the stream's p95 (4 kB a stream)
 GAP_SLACK_S = 0.25  # how far the output may run ahead of the arrival times (jitter, buffering)
 PROBATION_PACKETS = 16  # packets of an unconfirmed SSRC kept for when it is confirmed
 MAX_CANDIDATES = 128  # unconfirmed SSRCs tracked at once (a random one forgotten for a new one)
@@ -125,6 +128,12 @@ class RtpStream:
         self.pt_switches = 0
         self.concealed_samples = 0.0
         self.silence_samples = 0.0
+        # over the whole stream, for its summary: runs of packets given up, and the jitter estimates
+        self.missed = 0  # packets given up (concealed), in ...
+        self.missed_runs = 0  # ... this many runs,
+        self.max_burst = 0  # the longest of them
+        self._jitter_hist = np.zeros(JITTER_BINS, np.int32)  # per packet: estimate in JITTER_BIN_S steps
+        self._jitter_sum = 0.0
 
     # ------------------------------------------------------------------ feeding
 
@@ -148,7 +157,10 @@ class RtpStream:
             if status is jb.LATE:
                 self._net.add_late(self._pos_of(ext_ts, clock))
             if clock:
-                self._net.add_jitter(self._pos_of(ext_ts, clock), self._jb.jitter_s)
+                j = self._jb.jitter_s
+                self._net.add_jitter(self._pos_of(ext_ts, clock), j)
+                self._jitter_hist[min(int(j / JITTER_BIN_S), JITTER_BINS - 1)] += 1
+                self._jitter_sum += j
         elif status is jb.DUPLICATE:
             self._net.add_duplicate(self._pos_of(ext_ts, clock))
         self._play(self._jb.release(arrival_s))
@@ -241,6 +253,28 @@ class RtpStream:
             "decode_errors": sum(d.errors for d in self._decoders.values()),
             "discarded": j.discarded, "resyncs": j.resyncs, "pt_switches": self.pt_switches,
             "delay_ms": 1000.0 * j.delay_s, "buffered": j.buffered,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The whole stream's network numbers: ``stream_ended.net`` (:class:`~scoreq_live.core.events.StreamEnded`)."""
+        j = self._jb
+        expected, lost = j.expected, j.lost
+        n = int(self._jitter_hist.sum())
+        if n:
+            at = int(np.searchsorted(np.cumsum(self._jitter_hist), math.ceil(0.95 * n)))
+            p95_ms, mean_ms = 1000.0 * (at + 0.5) * JITTER_BIN_S, 1000.0 * self._jitter_sum / n
+        else:
+            p95_ms = mean_ms = 1000.0 * j.jitter_s
+        released = self._pos()
+        plc = bool(self._decoder.plc) if self._decoder is not None else False
+        missed_pct = 100.0 * self.missed / expected if expected else 0.0
+        r, mos = quality(self.codec_name, missed_pct, burst_ratio(self.missed, self.missed_runs, expected), plc)
+        return {
+            "codec": self.codec_name, "expected": expected, "received": j.received, "lost": lost,
+            "loss_pct": round(100.0 * lost / expected if expected else 0.0, 3), "max_burst": self.max_burst,
+            "jitter_mean_ms": round(mean_ms, 3), "jitter_p95_ms": round(p95_ms, 3),
+            "concealed": round(min(self.concealed_samples / released, 1.0) if released else 0.0, 4),
+            "r_factor": round(r, 2), "mos_cq": round(mos, 3),
         }
 
     # ------------------------------------------------------------------ internals
@@ -345,6 +379,10 @@ class RtpStream:
     def _conceal(self, lost: jb.Slot, nxt: jb.Slot | None) -> None:
         """Stand in for ``lost.lost`` packets given up, before ``nxt`` (the next packet released, if any)."""
         k = lost.lost
+        if k > 0:
+            self.missed += k
+            self.missed_runs += 1
+            self.max_burst = max(self.max_burst, k)
         codec, decoder = self._codec, self._decoder
         if codec is None or decoder is None:  # nothing played yet: counted, no audio to conceal with
             self._net.add_missed(self._pos(), 0.0, k)

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -22,6 +22,8 @@ DUE_MARGIN = 480  # 30 ms at 16 kHz: gathered audio goes on this early (the resa
 
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 """What a stream name given by a user or a publisher may be (``NAME=`` inputs, WHIP ``?stream=``)."""
+CALL_KEY = re.compile(r"^[!-~]{1,128}$")
+"""What a call key given by a publisher may be (WHIP and ``/media`` ``?call=``): printable ASCII, no spaces."""
 
 
 class SourceError(ScoreqLiveError):
@@ -69,9 +71,17 @@ class Source(abc.ABC):
         # Set by the engine: 16 kHz samples the stream still needs before its next window is due (see held()).
         self.due_in: Callable[[], int] | None = None
         self._dropped_through: float | None = None  # set by held(): what dropped_through_s says
+        # The call this stream is part of, as the input knows it (``stream_started.call``; "" for none),
+        # and what it knows of who is on it (``stream_started.meta``: ssrc, addresses, callSid, ...).
+        self.call = ""
+        self.meta: dict[str, str] = {}
 
     def net_window(self, t_start: float, t_end: float) -> NetQuality | None:
         """What the network did to the audio between two stream times (seconds); None for inputs without one."""
+        return None
+
+    def net_summary(self) -> dict[str, Any] | None:
+        """What the network did over the whole stream (``stream_ended.net``); None for inputs without one."""
         return None
 
     def check(self) -> None:  # noqa: B027 - optional hook: inputs that cannot fail early need nothing here

@@ -115,7 +115,14 @@ class CaptureStreams(DemuxAdapter[tuple[Endpoint, int], PcapStream]):
     def _source(self, flow: Flow | None, key: tuple[Endpoint, int], stream: RtpStream | None) -> PcapStream:
         dst, ssrc = key
         detail = flow.describe() if flow is not None else f"to {format_endpoint(dst)} ssrc {ssrc:08x}"
-        return PcapStream(f"{self.name}-{ssrc:08x}", flow, stream, f"{detail} in {self.path.name}")
+        src = PcapStream(f"{self.name}-{ssrc:08x}", flow, stream, f"{detail} in {self.path.name}")
+        if flow is not None:
+            src.meta = {k: v for k, v in (("ssrc", f"{ssrc:08x}"), ("remote", format_endpoint(flow.src)),
+                                          ("local", format_endpoint(flow.dst)), ("call_id", flow.call_id),
+                                          ("from", flow.caller), ("to", flow.callee)) if v}
+            # The two directions of a SIP call share its Call-ID
+            src.call = flow.call_id
+        return src
 
 
 def _split_spec(path: Path) -> tuple[Path, dict[int, Codec]]:

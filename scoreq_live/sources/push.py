@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -92,6 +92,9 @@ class RtpSource(PushSource):
         if self.stream is None:
             return None
         return self.stream.net_window(t_start, t_end)
+
+    def net_summary(self) -> dict[str, Any] | None:
+        return None if self.stream is None else self.stream.summary()
 
 
 K = TypeVar("K")

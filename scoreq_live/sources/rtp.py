@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from scoreq_live.core.events import new_id
 from scoreq_live.files import FileKindError, read_small
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, parse_codec_query, parse_sdp
 from scoreq_live.rtp.receiver import RtpDemux, RtpStream
-from scoreq_live.sources.base import Source, SourceError, StreamSet
+from scoreq_live.sources.base import PushSource, Source, SourceError, StreamSet
 from scoreq_live.sources.push import DemuxAdapter, RtpSource, Ticker
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,25 @@ _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 
 
+class CallGroup:
+    """Streams that are one call while they are live together (the senders to the ports of one SDP).
+
+    A stream joining while another member is live gets that call's key; one joining when none is live
+    starts a new call.
+    """
+
+    def __init__(self) -> None:
+        self.key = ""
+        self.members: list[PushSource] = []
+
+    def join(self, source: PushSource) -> str:
+        self.members = [m for m in self.members if not m.done]
+        if not self.members:
+            self.key = new_id()
+        self.members.append(source)
+        return self.key
+
+
 @dataclass(frozen=True)
 class RtpSpec:
     """One RTP port to listen on, and what its dynamic payload types are."""
@@ -57,6 +77,8 @@ class RtpSpec:
     port: int
     codecs: Mapping[int, Codec] = field(default_factory=dict)  # on top of the static payload types
     name: str | None = None  # the NAME of NAME=rtp://..., the prefix of its streams' names
+    # The ports of one SDP file describe one session: their streams live together are one call.
+    group: CallGroup | None = field(default=None, compare=False)
 
     @property
     def prefix(self) -> str:
@@ -95,9 +117,10 @@ def specs_from_sdp(path: Path, name: str | None = None) -> list[RtpSpec]:
     except (OSError, CodecError) as e:
         raise SourceError(f"--input {str(path)!r}: {e}") from None
     out = []
+    group = CallGroup()
     for i, m in enumerate(media):
         label = name if name is None or len(media) == 1 else f"{name}{i + 1}"
-        out.append(RtpSpec(m.addr or "127.0.0.1", m.port, dict(m.codecs), label))
+        out.append(RtpSpec(m.addr or "127.0.0.1", m.port, dict(m.codecs), label, group))
     return out
 
 
@@ -229,8 +252,12 @@ class RtpPort(StreamSet):
         if stream is None:  # failed on its first packet
             return RtpSource(self._name(ssrc), None, f"to :{self.spec.port} ssrc {ssrc:08x}")
         host, port = stream.source_addr[:2]
-        return RtpSource(self._name(ssrc), stream,
-                         f"{stream.codec_name} from {host}:{port} to :{self.spec.port} ssrc {ssrc:08x}")
+        src = RtpSource(self._name(ssrc), stream,
+                        f"{stream.codec_name} from {host}:{port} to :{self.spec.port} ssrc {ssrc:08x}")
+        src.meta = {"ssrc": f"{ssrc:08x}", "remote": f"{host}:{port}", "local": f"{self.spec.host}:{self.spec.port}"}
+        if self.spec.group is not None:
+            src.call = self.spec.group.join(src)
+        return src
 
     def close(self) -> None:
         if self._sock is not None:
