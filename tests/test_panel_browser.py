@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import pytest
 
@@ -218,5 +219,57 @@ def test_panel_shows_streams_thinned_when_scoring_cannot_keep_up(tmp_path):
                 expect(pill).to_have_text("thinned", timeout=60_000)
                 expect(pill).to_have_attribute("title", re.compile("overloaded"))
                 expect(card(page, name).locator(".now-value")).to_have_text(re.compile(r"^\d\.\d\d$"))  # latest score
+    finally:
+        m.stop()
+
+
+def _sip(first_line: str, call_id: str, media: tuple[str, int]) -> bytes:
+    """A SIP message of a dialog (INVITE or its 200 OK) with an SDP offering PCMU at ``media``."""
+    sdp = (f"v=0\r\no=- 1 1 IN IP4 {media[0]}\r\ns=-\r\nc=IN IP4 {media[0]}\r\nt=0 0\r\n"
+           f"m=audio {media[1]} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
+    head = (f"{first_line}\r\nVia: SIP/2.0/UDP 10.0.0.1:5060\r\nFrom: \"Alice\" <sip:alice@example.net>;tag=1\r\n"
+            f"To: <sip:bob@example.net>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+            f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n")
+    return head.encode() + sdp
+
+
+def test_history_page_lists_recorded_calls_and_opens_a_calls_chart(tmp_path):
+    """A captured SIP call (both directions, one with 5 % loss) and a file are scored with --store; the history
+    page lists both calls, and the SIP call opens to its chart with both directions and its network numbers."""
+    import json
+    import urllib.request
+
+    from tests.history_page import check_history_page
+    from tests.rtp_tools import RtpFlow, write_pcap
+
+    require_browser()
+    pcap = tmp_path / "call.pcap"
+    alice, bob = ("10.0.0.1", 40000), ("10.0.0.2", 50000)
+    call_id = "hist-1@10.0.0.1"
+    write_pcap(pcap, [RtpFlow(EXAMPLES / "clean.wav", "pcmu", src=alice, dst=bob, ssrc=0xA11CE, duration_s=12.0,
+                              start_s=0.5),
+                      RtpFlow(EXAMPLES / "lyra3.wav", "pcmu", src=bob, dst=alice, ssrc=0xB0B, duration_s=12.0,
+                              start_s=0.6, drop_at=frozenset(range(7, 600, 20)))],
+               extra=[(0.0, ("10.0.0.1", 5060), ("10.0.0.2", 5060), _sip("INVITE sip:bob@10.0.0.2 SIP/2.0", call_id,
+                                                                          alice)),
+                      (0.2, ("10.0.0.2", 5060), ("10.0.0.1", 5060), _sip("SIP/2.0 200 OK", call_id, bob))])
+    m = Monitor(free_port(), free_port(), inputs=[f"call=pcap:{pcap}", f"clean={EXAMPLES / 'clean.wav'}"],
+                extra=("--fast", "--store", str(tmp_path / "calls.db")))
+    try:
+        m.start()
+        api = f"http://127.0.0.1:{m.http_port}/api/calls?token={TOKEN}"
+        deadline = time.monotonic() + 120
+        while True:
+            listed = json.load(urllib.request.urlopen(api, timeout=20))
+            if listed["total"] >= 2:
+                break
+            assert time.monotonic() < deadline, m.proc.output() if m.proc else ""
+            time.sleep(0.5)
+        sip = next(c for c in listed["calls"] if c["key"] == call_id)
+        assert sip["who"] == "alice → bob" and len(sip["streams"]) == 2, sip
+        assert 4.0 <= sip["loss_pct"] <= 6.0, sip
+        with chromium(viewport={"width": 1280, "height": 900}) as ctx:
+            check_history_page(ctx.new_page(), f"http://127.0.0.1:{m.http_port}/?token={TOKEN}",
+                               [sip["id"], *(c["id"] for c in listed["calls"] if c["id"] != sip["id"])], ARTIFACTS)
     finally:
         m.stop()

@@ -15,6 +15,7 @@ from websockets.http11 import Request
 
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.http.policy import (
+    PAGES,
     TOKEN_ENV,
     HttpRequest,
     Listen,
@@ -55,7 +56,7 @@ def route(policy, request, clients, metrics, panel):
         return policy.feed_request(request, clients, http=True)
     if path == "/metrics":
         return policy.metrics_request(request, metrics)
-    if path in ("/", "/index.html") or path.startswith("/static/"):
+    if path in PAGES or path.startswith("/static/"):
         return files_request(request, panel)
     return unrouted(request)
 
@@ -312,6 +313,14 @@ def test_the_index_page(panel):
 def test_the_default_panel_folder_has_an_index():
     resp = http(LOCAL, "/")
     assert resp.status_code == 200 and b"<html" in resp.body.lower()
+
+
+def test_the_history_page_is_served_at_history_without_a_token():
+    for path in ("/history", "/history.html", "/history?token=x#call=1"):
+        resp = http(LOCAL, path)
+        assert resp.status_code == 200 and b"history.js" in resp.body, path
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+    assert http(LOCAL, "/history/x").status_code == 404
 
 
 def test_static_files_and_their_types(panel):

@@ -34,8 +34,8 @@ from websockets.http11 import Request, Response
 from scoreq_live.errors import ScoreqLiveError
 
 __all__ = [
-    "TOKEN_ENV", "HttpRequest", "Listen", "Metrics", "ServeError", "SitePolicy", "check_exposed", "content_type",
-    "files_request", "host_name", "only_get", "parse_listen", "response", "static_file", "unrouted",
+    "PAGES", "TOKEN_ENV", "HttpRequest", "Listen", "Metrics", "ServeError", "SitePolicy", "check_exposed",
+    "content_type", "files_request", "host_name", "only_get", "parse_listen", "response", "static_file", "unrouted",
 ]
 
 TOKEN_ENV = "SCOREQ_LIVE_TOKEN"
@@ -216,18 +216,22 @@ def unrouted(request: HttpRequest) -> Response:
     return only_get(request) or response(404, "not found\n", head=request.method == "HEAD")
 
 
-def files_request(request: HttpRequest, root: Path) -> Response:
-    """The panel's files from ``root``: ``/`` (and ``/index.html``) and ``/static/...``, without a token.
+#: The panel's pages by path: the live panel and the history of calls.
+PAGES = {"/": "index.html", "/index.html": "index.html", "/history": "history.html", "/history.html": "history.html"}
 
-    They carry no data: the page passes the ``?token=`` of its own address on.
+
+def files_request(request: HttpRequest, root: Path) -> Response:
+    """The panel's files from ``root``: its pages (:data:`PAGES`) and ``/static/...``, without a token.
+
+    They carry no data: a page passes the ``?token=`` of its own address on.
     """
     refused = only_get(request)
     if refused is not None:
         return refused
     head = request.method == "HEAD"
     url = urlsplit(request.path)
-    if url.path in ("/", "/index.html"):
-        path = static_file(root, "index.html")
+    if url.path in PAGES:
+        path = static_file(root, PAGES[url.path])
         extra = {"Referrer-Policy": "no-referrer"}  # a ?token= in the page URL must not leak
     elif url.path.startswith("/static/"):
         path = static_file(root, url.path[len("/static/"):])

@@ -10,20 +10,21 @@ from pathlib import Path
 
 from aiohttp import web
 
-from scoreq_live.http.policy import Metrics, files_request
+from scoreq_live.http.policy import PAGES, Metrics, files_request
 from scoreq_live.http.site import HttpSite, policy_request, web_response
 
 __all__ = ["MetricsRoutes", "PanelRoutes"]
 
 
 class PanelRoutes:
-    """The browser panel: ``/`` (and ``/index.html``) and ``/static/...`` from ``root``, without a token."""
+    """The browser panel from ``root``, without a token: its pages (``/`` and ``/index.html``, the live panel;
+    ``/history`` and ``/history.html``, past calls) and ``/static/...``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
     def add_routes(self, site: HttpSite) -> None:
-        for path in ("/", "/index.html", "/static/{file:.*}"):
+        for path in (*PAGES, "/static/{file:.*}"):
             site.router.add_route("*", path, self._files)
 
     async def _files(self, request: web.Request) -> web.StreamResponse:

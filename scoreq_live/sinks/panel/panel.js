@@ -91,6 +91,13 @@
     return url.toString();
   }
 
+  // The links to the panel's pages keep the token (and only the token).
+  for (const [id, href] of [["nav-live", "./"], ["nav-history", "history"]]) {
+    const link = document.getElementById(id);
+    const token = params.get("token");
+    if (link && token) link.href = `${href}?${new URLSearchParams({ token })}`;
+  }
+
   // --- state -------------------------------------------------------------------
 
   /**
