@@ -265,3 +265,39 @@ def test_retention_removes_old_calls_while_the_monitor_scores(tmp_path, tiny_nr)
     assert check.execute("SELECT COUNT(*) FROM streams WHERE name = 'x'").fetchone()[0] == 0
     ids = {r[0] for r in check.execute("SELECT id FROM calls")}
     assert "recent" in ids and len(ids) == 2  # the recent one and the clip's call
+
+
+async def test_a_relay_that_sees_a_stream_from_its_middle_keeps_its_timeline_under_the_record(tmp_path):
+    """Score events of a stream whose stream_started the writer never saw (a relay started mid-call) go under a
+    placeholder, and land under the stream's own id once its record comes; the record's call is listed."""
+    from scoreq_live.bus import EventBus
+    from scoreq_live.calls.record import Recorder
+    from scoreq_live.calls.sink import StoreOptions, StoreSink
+    from scoreq_live.core.events import ScoreEvent, StreamEnded, StreamStarted
+
+    bus = EventBus()
+    sink = StoreSink(StoreOptions(str(tmp_path / "r.db")))
+    await sink.start()
+    task = asyncio.create_task(sink.run(bus.subscribe()))
+    # What a monitor made of the stream, records included; the relay's bus gets it from the third window on.
+    rec = Recorder()
+    made = []
+    for ev in [StreamStarted(stream="m/x", ts=1000.0, id="run-x"),
+               *(ScoreEvent(stream="m/x", ts=1001.0 + i, window=i, t_start=float(i), t_end=i + 4.0, mos=3.0 + i / 10)
+                 for i in range(6)),
+               StreamEnded(stream="m/x", ts=1010.0, t=9.0, windows=6, scored=6)]:
+        made += [ev, *rec.feed(ev)]
+    for ev in made[3:]:
+        bus.publish(ev)
+    await asyncio.sleep(0)
+    bus.close()
+    await task
+    await sink.close()
+    conn = Store(str(tmp_path / "r.db")).connect()
+    try:
+        (call,), _ = conn.calls(CallQuery())
+        got = conn.call(call["id"])
+        assert got is not None and [s["id"] for s in got["streams"]] == ["run-x"]
+        assert got["streams"][0]["timeline"]["value"] == pytest.approx([3.2, 3.3, 3.4, 3.5])  # windows 2..5
+    finally:
+        conn.close()

@@ -5,6 +5,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from scoreq_live.calls.api import CallsRoutes
 from scoreq_live.core.alerts import RuleError
 from scoreq_live.errors import ConfigError, ScoreqLiveError
 from scoreq_live.http.routes import MetricsRoutes, PanelRoutes
@@ -61,7 +62,7 @@ def test_the_builder_returns_every_part_the_options_ask_for(loaded, tmp_path):
     assert [type(s) for s in m.sinks] == [JsonlSink, MetricsSink, FeedServer]
     assert m.feed.hub.info.bands == {"good": 4.2, "fair": 3.2, "lower_is_better": False}
     (site,) = m.sites  # --http: one site, where every part adds its routes
-    assert [type(p) for p in site.parts] == [PanelRoutes, MetricsRoutes, FeedServer, IngestRoutes]
+    assert [type(p) for p in site.parts] == [PanelRoutes, MetricsRoutes, CallsRoutes, FeedServer, IngestRoutes]
     assert m.feed.sites == [site] and site.policy.allowed_origins == {"http://x"}
     no_feed = build_monitor(MonitorOptions(inputs=[DEMO]), scoring=loaded)
     assert no_feed.feed is None and no_feed.metrics is None and no_feed.sinks == [] and no_feed.sites == []
@@ -111,7 +112,8 @@ async def test_a_run_starts_attaches_feeds_and_closes_every_sink(loaded, tmp_pat
     opts = MonitorOptions(inputs=[f"a={DEMO}"], fast=True, jsonl=str(tmp_path / "events.jsonl"))
     engine = await build_monitor(opts, [rec], scoring=loaded).run()
     assert rec.calls == ["start", "attach:1", "run", "close"]
-    assert rec.types[0] == "stream_started" and rec.types[-1] == "stream_ended" and "score" in rec.types
+    assert rec.types[0] == "stream_started" and "score" in rec.types
+    assert rec.types[-3:] == ["stream_ended", "stream_record", "call_record"]  # its records follow its end
     written = [json.loads(line)["type"] for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert written == rec.types and engine.runs >= 1
 

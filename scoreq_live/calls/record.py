@@ -3,9 +3,10 @@
 :class:`Recorder` is a bus deriver (as the alert rules are): it reads every
 event and, when a stream ends, returns a :class:`~scoreq_live.core.events.StreamRecord`
 and, when the last live stream of its call has ended, a
-:class:`~scoreq_live.core.events.CallRecord`.  Pure: no I/O, no clock but
-the events' own ``ts``; the store (:mod:`scoreq_live.calls.store`) writes
-what it returns, the feed and ``--jsonl`` carry it like any event.
+:class:`~scoreq_live.core.events.CallRecord`.  No I/O: times are the events'
+own ``ts`` (a call's id alone is made from the clock and random bytes); the
+store (:mod:`scoreq_live.calls.store`) writes what it returns, the feed and
+``--jsonl`` carry it like any event.
 
 Summaries are computed from the values the ``score`` events carry (rounded
 as they are published), so a record derived here and one derived from a

@@ -176,8 +176,10 @@ class StoreSink(Sink):
             with self._lock:
                 self._pending.streams_started.append(started_row(sid, ev, monitor, self.run_id))
         elif isinstance(ev, StreamRecord):
-            self._ids.pop(ev.stream, None)
+            sid = self._ids.pop(ev.stream, None)
             with self._lock:
+                if sid is not None and ev.id and sid != ev.id:  # its windows went under a placeholder
+                    self._pending.renames.append((ev.id, sid))
                 self._pending.stream_records.append(stream_record_row(ev, self.run_id))
         elif isinstance(ev, CallRecord):
             with self._lock:

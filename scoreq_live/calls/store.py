@@ -26,7 +26,7 @@ import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,19 +106,24 @@ class Batch:
     windows: list[tuple[Any, ...]]
     stream_records: list[tuple[Any, ...]]
     calls: list[tuple[Any, ...]]
+    # (stream id, placeholder id): windows written under a placeholder (a relay that saw a stream only from
+    # its middle, without its stream_started) belong to the stream its record names
+    renames: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def empty(cls) -> Batch:
         return cls([], [], [], [])
 
     def __len__(self) -> int:
-        return len(self.streams_started) + len(self.windows) + len(self.stream_records) + len(self.calls)
+        return (len(self.streams_started) + len(self.windows) + len(self.stream_records) + len(self.calls)
+                + len(self.renames))
 
     def extend(self, other: Batch) -> None:
         self.streams_started += other.streams_started
         self.windows += other.windows
         self.stream_records += other.stream_records
         self.calls += other.calls
+        self.renames += other.renames
 
 
 def _json(x: Any) -> str:
@@ -305,6 +310,8 @@ class Connection:
                 cur.executemany(_STREAM_START, batch.streams_started)
             if batch.windows:
                 cur.executemany(_WINDOW, batch.windows)
+            if batch.renames:
+                cur.executemany("UPDATE windows SET stream_id = ? WHERE stream_id = ?", batch.renames)
             if batch.stream_records:
                 cur.executemany(_STREAM_RECORD, batch.stream_records)
             if batch.calls:

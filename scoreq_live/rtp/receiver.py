@@ -262,7 +262,7 @@ class RtpStream:
         n = int(self._jitter_hist.sum())
         if n:
             at = int(np.searchsorted(np.cumsum(self._jitter_hist), math.ceil(0.95 * n)))
-            p95_ms, mean_ms = 1000.0 * (at + 0.5) * JITTER_BIN_S, 1000.0 * self._jitter_sum / n
+            p95_ms, mean_ms = 1000.0 * at * JITTER_BIN_S, 1000.0 * self._jitter_sum / n  # to a bin (0.5 ms) below
         else:
             p95_ms = mean_ms = 1000.0 * j.jitter_s
         released = self._pos()

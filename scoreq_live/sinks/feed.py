@@ -32,6 +32,7 @@ from scoreq_live.core.events import (
     ScoreEvent,
     StreamEnded,
     StreamError,
+    StreamRecord,
     StreamStarted,
     StreamState,
     state_after,
@@ -258,8 +259,10 @@ class FeedHub:
         if isinstance(ev, BackendStatus):
             self.backend = frame  # the latest only: a new client is told the backend's state after hello
             return
-        if not ev.stream:
-            return  # a monitor-wide event (a relay's gap): live clients get it, it belongs to no stream
+        if not ev.stream or isinstance(ev, StreamRecord):
+            # A monitor-wide event (a relay's gap, a call record) or a stream's record (it follows the end, and
+            # the history is the stream's own events): live clients get it, a new client's history does not.
+            return
         s = self._stream(ev.stream)
         state = state_after(ev)
         if state is not None:

@@ -949,7 +949,8 @@
         ...row("jitter", `${ms(n.jitter_mean_ms)} · p95 ${ms(n.jitter_p95_ms)}`, "interarrival jitter: mean and 95th percentile"),
         ...row("R", num(n.r_factor) == null ? "–" : n.r_factor.toFixed(0), "the E-model's rating factor, from codec and loss"),
         ...row("MOS-CQ", cq == null ? "–" : cq.toFixed(2), "the E-model's conversational MOS, from codec and loss"),
-        ...row("concealed", int(n.concealed), "packets the decoder concealed")));
+        ...row("concealed", num(n.concealed) == null ? "–" : fmtPct(100 * n.concealed),
+          "share of the audio that is concealment for lost or late packets")));
   }
 
   function setText(el, text) {
