@@ -76,6 +76,10 @@ class FileResult:
     codec: str | None = None
     net: dict[str, Any] | None = None
     scores: dict[str, float | None] = field(default_factory=dict)  # each named score's mean over scored windows
+    # RTP streams of a capture: the stream's name as the monitor names it (after its SIP call when the capture
+    # holds one, as a live capture does) and that call's Call-ID ("" for none)
+    stream: str | None = None
+    call: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         key = "mos" if self.mode == "nr" else "distance"
@@ -85,6 +89,8 @@ class FileResult:
             d["scores"] = {k: None if v is None else round(v, 5) for k, v in self.scores.items()}
         if self.src is not None:
             d.update(src=self.src, dst=self.dst, codec=self.codec, net=self.net)
+        if self.stream is not None:
+            d.update(stream=self.stream, call=self.call)
         if self.error:
             d["error"] = self.error
         return d
@@ -204,6 +210,8 @@ class _Leg:
     stream: RtpStream | None
     audio: np.ndarray
     error: str | None = None
+    name: str | None = None  # the stream's name (the monitor's)
+    call: str = ""
 
 
 def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None,
@@ -239,7 +247,7 @@ def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: in
         for d in cap.datagrams():
             live.feed(demux, d, demux.arrival(d.ts))
     live.end_all("eof")
-    legs = [_Leg(s.flow, s.stream, s.take(), s.failure) for s in live.new()]
+    legs = [_Leg(s.flow, s.stream, s.take(), s.failure, s.name, s.call) for s in live.new()]
     played = {leg.flow.key for leg in legs if leg.flow is not None}
     empty = np.zeros(0, np.float32)
     legs += [_Leg(f, None, empty, "no packet of this stream could be played") for f in flows if f.key not in played]
@@ -253,7 +261,7 @@ def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: in
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:
             label += f"-{seen[label]}"
-        res = FileResult(label, scorer.mode, error=leg.error)
+        res = FileResult(label, scorer.mode, error=leg.error, stream=leg.name, call=leg.call)
         if flow is not None:
             res.src, res.dst, res.codec = format_endpoint(flow.src), format_endpoint(flow.dst), flow.codec_name
         results.append(res)

@@ -24,7 +24,6 @@ times as arrival times, to :class:`scoreq_live.rtp.receiver.RtpDemux`.
 from __future__ import annotations
 
 import collections
-import re
 import socket
 import statistics
 import struct
@@ -38,6 +37,9 @@ from scoreq_live.files import special_kind
 from scoreq_live.rtp.codecs import STATIC, Codec, CodecError, codec_by_name, parse_sdp
 from scoreq_live.rtp.packet import is_rtcp, parse_rtp
 from scoreq_live.rtp.receiver import DemuxEvent, RtpDemux, StreamFailed
+from scoreq_live.sip.dialog import DialogTracker, MediaOf
+from scoreq_live.sip.message import SipError, looks_like_sip
+from scoreq_live.sip.message import parse as parse_sip
 
 Endpoint = tuple[str, int]
 
@@ -422,10 +424,8 @@ class Flow:
     payload_types: dict[int, int]  # payload type -> packets
     codecs: dict[int, Codec] = field(default_factory=dict)  # the payload types that could be identified
     codec_from: dict[int, str] = field(default_factory=dict)  # pt -> "static", "sdp" or "packets"
-    # The SIP dialog whose SDP names the flow's destination: Call-ID, From and To (user parts); "" unknown.
-    call_id: str = ""
-    caller: str = ""
-    callee: str = ""
+    # The SIP call whose SDP names the flow's destination (and which direction of it the flow is), if any.
+    dialog: MediaOf | None = field(default=None, compare=False)
 
     @property
     def pt(self) -> int:
@@ -478,37 +478,20 @@ class _FlowStats:
 _SAMPLE = 400  # payload sizes / timestamp steps kept per payload type, for recognising the codec
 
 
-_SIP_USER = re.compile(r"<?sips?:([^@;>\s]+)@", re.IGNORECASE)
-
-
-def _dialog(head: bytes) -> tuple[str, str, str] | None:
-    """(Call-ID, From user, To user) from a SIP message's headers (compact forms too); None without Call-ID."""
-    values: dict[str, str] = {}
-    for line in head.decode("utf-8", "replace").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = {"i": "call-id", "f": "from", "t": "to"}.get(name.strip().lower(), name.strip().lower())
-        if key in ("call-id", "from", "to") and key not in values:
-            values[key] = value.strip()
-    call_id = values.get("call-id", "")[:128]
-    if not call_id:
-        return None
-
-    def user(v: str) -> str:
-        m = _SIP_USER.search(v)
-        return m.group(1)[:64] if m else ""
-
-    return call_id, user(values.get("from", "")), user(values.get("to", ""))
-
-
 class _SdpBook:
     """Payload types declared by the SDPs of SIP messages in the capture, by media address and by port."""
 
     def __init__(self) -> None:
         self.by_addr: dict[Endpoint, dict[int, Codec]] = {}
         self.by_port: dict[int, dict[int, Codec]] = {}
-        self.dialogs: dict[Endpoint, tuple[str, str, str]] = {}  # media address -> (Call-ID, From, To)
+        self.tracker = DialogTracker()  # the calls, as a live capture follows them (names, call keys)
+
+    def sip(self, payload: bytes, ts: float) -> None:
+        """A SIP message of the capture, for the calls (one that cannot be read is left out)."""
+        try:
+            self.tracker.message(parse_sip(payload), ts)
+        except SipError:
+            pass
 
     def offer(self, payload: bytes) -> None:
         head = payload[:16]
@@ -521,12 +504,9 @@ class _SdpBook:
             media = parse_sdp(payload[sep + 4:].decode("utf-8", "replace"))
         except CodecError:
             return
-        dialog = _dialog(payload[:sep])
         for m in media:
             if m.addr:
                 self.by_addr.setdefault((m.addr, m.port), {}).update(m.codecs)
-                if dialog is not None:
-                    self.dialogs[(m.addr, m.port)] = dialog
             self.by_port.setdefault(m.port, {}).update(m.codecs)
 
     def codecs_for(self, dst: Endpoint) -> Mapping[int, Codec]:
@@ -550,6 +530,8 @@ def find_rtp_flows(datagrams: Iterable[Datagram], port: int | None = None,
         if len(data) < 12 or data[0] >> 6 != 2:
             if data[:3] in (b"INV", b"SIP", b"UPD", b"ACK", b"PRA"):
                 sdp.offer(data)
+            if looks_like_sip(data):
+                sdp.sip(data, d.ts)
             continue
         if port is not None and d.src[1] != port and d.dst[1] != port:
             continue
@@ -586,7 +568,7 @@ def find_rtp_flows(datagrams: Iterable[Datagram], port: int | None = None,
         if st.packets < MIN_PACKETS or st.good < MIN_GOOD_STEPS * (st.packets - 1):
             continue
         flow = Flow(src, dst, ssrc, st.packets, st.first_s, st.last_s, dict(st.pts))
-        flow.call_id, flow.caller, flow.callee = sdp.dialogs.get(dst, ("", "", ""))
+        flow.dialog = sdp.tracker.media(dst)
         declared = sdp.codecs_for(dst)
         for pt in st.pts:
             if codecs and pt in codecs:

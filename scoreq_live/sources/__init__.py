@@ -122,6 +122,12 @@ def _sdp(o: Opening) -> list[Input]:
     return [RtpPort(s, o.options.sender_timeout_s) for s in specs_from_sdp(o.path, o.name)]
 
 
+def _sniff(o: Opening) -> list[Input]:
+    from scoreq_live.sources.sniff import open_sniff
+
+    return [open_sniff(o.arg or "", o.name, o.options.sender_timeout_s)]
+
+
 def _pcap(o: Opening) -> list[Input]:
     from scoreq_live.sources.pcap import PcapReplay
 
@@ -154,6 +160,7 @@ SCHEMES: tuple[InputScheme, ...] = (
     InputScheme("sdp", _sdp, "an .sdp file", suffixes=(".sdp",)),
     InputScheme("capture file", _capture_file, suffixes=(".pcap", ".pcapng")),  # says to use pcap:
     InputScheme("pcap", _pcap, "pcap:FILE", prefix="pcap"),
+    InputScheme("sniff", _sniff, "sniff:IFACE (live capture of SIP and RTP)", prefix="sniff"),
     InputScheme("whip", _whip, "POST /whip (WebRTC publishers)", endpoint=True),
     InputScheme("media", _media, "GET /media (media-stream websockets)", endpoint=True),
 )

@@ -115,13 +115,14 @@ class CaptureStreams(DemuxAdapter[tuple[Endpoint, int], PcapStream]):
     def _source(self, flow: Flow | None, key: tuple[Endpoint, int], stream: RtpStream | None) -> PcapStream:
         dst, ssrc = key
         detail = flow.describe() if flow is not None else f"to {format_endpoint(dst)} ssrc {ssrc:08x}"
+        if flow is not None and flow.dialog is not None:  # a SIP call's direction: named as a live capture names it
+            name, detail, meta = flow.dialog.identity(self.name, ssrc, flow.src, flow.dst, flow.codec_name)
+            src = PcapStream(self.free_name(name, f"{ssrc:08x}"), flow, stream, f"{detail} in {self.path.name}")
+            src.call, src.meta = flow.dialog.call.call_id, meta
+            return src
         src = PcapStream(f"{self.name}-{ssrc:08x}", flow, stream, f"{detail} in {self.path.name}")
         if flow is not None:
-            src.meta = {k: v for k, v in (("ssrc", f"{ssrc:08x}"), ("remote", format_endpoint(flow.src)),
-                                          ("local", format_endpoint(flow.dst)), ("call_id", flow.call_id),
-                                          ("from", flow.caller), ("to", flow.callee)) if v}
-            # The two directions of a SIP call share its Call-ID
-            src.call = flow.call_id
+            src.meta = {"ssrc": f"{ssrc:08x}", "remote": format_endpoint(flow.src), "local": format_endpoint(flow.dst)}
         return src
 
 

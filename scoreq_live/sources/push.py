@@ -142,6 +142,12 @@ class DemuxAdapter(Generic[K, S]):
         for src in self.live.values():
             src.deliver()
 
+    def free_name(self, name: str, suffix: str) -> str:
+        """``name``, or ``name-suffix`` when a live stream has it (a call's sender that changed its SSRC)."""
+        if any(src.name == name for src in self.live.values()):
+            return f"{name[:63 - len(suffix)]}-{suffix}"
+        return name
+
     def new(self) -> list[S]:
         """The streams opened (or failed at once) since the last call, in order."""
         out, self._new = self._new, []
