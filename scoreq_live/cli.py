@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from scoreq_live.monitor import FeedOptions, MonitorOptions
     from scoreq_live.scoring.load import ScoringOptions
     from scoreq_live.sinks.base import Sink
+    from scoreq_live.sip.siprec import SiprecOptions
 
 COMMANDS = ("monitor", "demo", "score", "devices", "models", "reference", "bench", "feed", "calls")
 
@@ -150,6 +151,27 @@ def store_options(a: argparse.Namespace, monitor: str = "") -> StoreOptions | No
     return StoreOptions(target, retain_s=parse_age(a.retain, "--retain"), buffer=a.store_buffer, monitor=monitor)
 
 
+def _siprec_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SIPREC: score the calls an SBC or PBX records to the monitor (RFC 7866)")
+    g.add_argument("--siprec", metavar="HOST:PORT", help="be a SIPREC recording server here (UDP and TCP), e.g. "
+                                                        "127.0.0.1:5080")
+    g.add_argument("--rtp-ports", default="20000-20999", metavar="LO-HI",
+                   help="the ports recorded streams are received on (default 20000-20999)")
+    g.add_argument("--siprec-allow", action="append", default=[], metavar="CIDR",
+                   help="recording clients allowed (repeatable; default loopback only); others get 403")
+    g.add_argument("--siprec-accept-plain", action="store_true",
+                   help="also score ordinary calls made to the monitor (not SIPREC), as one stream each")
+
+
+def siprec_options(a: argparse.Namespace) -> SiprecOptions | None:
+    from scoreq_live.sip.siprec import DEFAULT_ALLOW, SiprecOptions, parse_port_range
+
+    if not a.siprec:
+        return None
+    return SiprecOptions(a.siprec, parse_port_range(a.rtp_ports), tuple(a.siprec_allow) or DEFAULT_ALLOW,
+                         a.siprec_accept_plain)
+
+
 def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="[NAME=]SPEC",
                    help="'mic', 'mic:NAME_OR_INDEX', an audio file, rtp://HOST:PORT[?codec=opus&pt=111] (a stream "
@@ -170,6 +192,7 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no start-up messages")
     _feed_args(p)
     _store_args(p, "a record of every stream and call")
+    _siprec_args(p)
     _scoring_args(p)
 
 
@@ -277,7 +300,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
                           alerts=tuple(a.alert), alert_webhook=a.alert_webhook, feed=feed, bands=a.bands,
                           jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout, max_latency_s=a.max_latency,
                           publish=a.publish, monitor_name=a.monitor_name, publish_buffer=a.publish_buffer,
-                          store=store_options(a, a.monitor_name or ""),
+                          store=store_options(a, a.monitor_name or ""), siprec=siprec_options(a),
                           ingest=IngestOptions(listen=a.whip, ice_hosts=tuple(a.ice_host), stun=tuple(a.stun),
                                                max_sessions=a.max_sessions))
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from scoreq_live.sinks.metrics import MetricsSink
     from scoreq_live.sinks.redis import BrokerAddress
     from scoreq_live.sinks.server import FeedServer
+    from scoreq_live.sip.siprec import SiprecOptions
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class MonitorOptions:
     monitor_name: str | None = None
     publish_buffer: int = 10_000
     store: StoreOptions | None = None  # --store: call records and timelines kept in SQLite or PostgreSQL
+    siprec: SiprecOptions | None = None  # --siprec: a SIPREC recording server whose recorded calls are scored
 
     @property
     def publishers(self) -> bool:
@@ -133,9 +135,10 @@ class MonitorOptions:
 def open_sources(opts: MonitorOptions) -> list[Input]:
     """Every input, each opened once to check it (a typo, a missing sound card, a port in use is reported now)."""
     if not opts.inputs:
-        if opts.publishers:
-            return []  # a monitor that only takes published streams (WHIP, media websockets)
-        raise ConfigError("no --input given (or give --http / --whip and publish streams to the monitor)")
+        if opts.publishers or opts.siprec is not None:
+            return []  # a monitor that only takes published streams (WHIP, media websockets, SIPREC)
+        raise ConfigError("no --input given (or give --http / --whip and publish streams to the monitor, or "
+                          "--siprec HOST:PORT for recorded calls)")
     return open_inputs(list(opts.inputs), fast=opts.fast, rtp_timeout_s=opts.rtp_timeout_s)
 
 
@@ -255,6 +258,13 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     endpoints = open_endpoints(opts)
     if endpoints is not None:
         sources = [*sources, *endpoints.inputs]
+    if opts.siprec is not None:
+        from scoreq_live.sip.siprec import SiprecServer
+        from scoreq_live.sources import InputOptions
+
+        recorder = SiprecServer(opts.siprec, InputOptions(timeout_s=opts.rtp_timeout_s).sender_timeout_s)
+        recorder.check()  # its port, before the model loads
+        sources = [*sources, recorder]
     if opts.alert_webhook:
         check_url(opts.alert_webhook)
     broker = _publish_address(opts)
