@@ -41,6 +41,12 @@ set -euo pipefail
 #                        a loopback port of their own (Debian's own cluster/service
 #                        is not used); the binaries live in
 #                        /usr/lib/postgresql/<version>/bin, not on PATH
+#
+# SIP-aware monitoring (tests/test_sip.py, `sniff:IFACE`, `--siprec`):
+#   tcpdump            - writes the capture of a live sipp call that `score` must
+#                        read as the live capture did (same streams, same names)
+#   baresip            - a real SIP user agent (its aufile module plays a WAV) whose
+#                        call the monitor finds on loopback
 # ---------------------------------------------------------------------------
 PACKAGES=(
     # microphone path
@@ -59,6 +65,9 @@ PACKAGES=(
     redis-server
     # call records in PostgreSQL
     postgresql
+    # SIP-aware monitoring
+    tcpdump
+    baresip
 )
 
 missing=()

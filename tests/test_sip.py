@@ -4,10 +4,12 @@ a user runs it: a real sipp call on loopback, captured live by the monitor proce
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -214,14 +216,26 @@ def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path):
     payloads = [h.payload for *_, p in rt.read_pcap_udp(pcap) if (h := rt.parse_rtp_header(p)) is not None]
     port = rt.free_udp_port()
     mon = start_monitor("-i", "call=sniff:lo", "--rtp-timeout", "2", "--duration", "90")
+    # tcpdump records the same traffic: `score` on its file must find the same stream (the dialog tracker)
+    (tmp_path / "dump").mkdir()
+    dump = tmp_path / "dump" / "call.pcap"
+    tcpdump = subprocess.Popen(["tcpdump", "-i", "lo", "-U", "-w", str(dump), "udp"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True) if shutil.which("tcpdump") else None
     try:
         time.sleep(3.0)  # the model loads and the capture opens (nothing to wait on: it binds no port)
         assert mon.poll() is None, mon.stderr.read() if mon.stderr else ""
         with rt.sipp_rtp(pcap, port) as call:
+            # Meanwhile, to the SIP port: 2,000 datagrams of garbage and 10,000 INVITEs that are never answered.
+            flood = threading.Thread(target=_sip_flood, args=(2_000, 10_000))
+            flood.start()
             call.wait()
+            flood.join(60)
             events = _until_the_call_record(mon)
     finally:
         rt.stop_process(mon)  # type: ignore[arg-type]
+        if tcpdump is not None:
+            tcpdump.send_signal(signal.SIGINT)
+            tcpdump.wait(10)
     started = [e for e in events if e["type"] == "stream_started"]
     assert len(started) == 1, [e["stream"] for e in started]
     st = started[0]
@@ -234,6 +248,27 @@ def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path):
     decoded = soxr.resample(rt.g711_decode(b"".join(payloads)), 8000, 16000, quality="HQ").astype(np.float32)
     ref = offline_mean(Scorer(OnnxModel(resolve_model("distillmos"), device="cpu"), max_batch=8), decoded)
     assert abs(float(np.mean(live)) - ref) < 0.3, (np.mean(live), ref)
+    if tcpdump is None:
+        unavailable("tcpdump is not installed (.ci/install-system.sh installs it): the capture was not compared")
+    out = tmp_path / "scores.json"
+    r = subprocess.run([sys.executable, "-m", "scoreq_live", "score", dump, "--json", out, "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [(e["stream"], e["call"]) for e in json.loads(out.read_text())] == [(st["stream"], st["call"])]
+
+
+def _sip_flood(garbage: int, invites: int) -> None:
+    """Garbage and half-open INVITEs to 127.0.0.1:5060 (nothing listens: the capture sees them), paced."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(garbage):
+            s.sendto(b"INVITE \x00\xff" + bytes([i % 256]) * 200, ("127.0.0.1", 5060))
+            if i % 200 == 0:
+                time.sleep(0.02)
+        for i in range(invites):
+            s.sendto(sip("INVITE sip:bob@x SIP/2.0", f"halfopen-{i}", media=("127.0.0.9", 30000 + i % 1000)),
+                     ("127.0.0.1", 5060))
+            if i % 500 == 0:
+                time.sleep(0.05)
 
 
 def _until_the_call_record(proc: subprocess.Popen[str], timeout: float = 60.0) -> list[dict]:
@@ -273,3 +308,45 @@ def test_sip_over_tcp_is_followed_across_segments_retransmissions_and_a_gap():
     assert calls.tracker.calls["tcp1"].end_reason == "bye"
     calls.segment(("10.0.0.3", 1), ("10.0.0.4", 80), 1, b"GET / HTTP/1.1\r\n\r\n", 6.0)  # not a SIP port
     assert calls.tracker.messages == 4 and calls.sip_errors == 0
+
+
+def test_a_baresip_call_is_found_and_named_from_its_sip(tmp_path):
+    """baresip (a real SIP user agent, its aufile module playing real speech) calls a sipp UAS on loopback; the
+    monitor capturing lo names the call's stream from its SIP and ends it with baresip's BYE."""
+    from tests.test_sources_rtp import start_monitor
+
+    rt.require_sipp()
+    if shutil.which("baresip") is None:
+        unavailable("baresip is not installed (.ci/install-system.sh installs it)")
+    if not _can_capture():
+        unavailable("live capture needs CAP_NET_RAW (run the tests as root)")
+    x, rate = sf.read(EXAMPLES / "clean.wav", dtype="float32")
+    sf.write(tmp_path / "speech.wav", soxr.resample(x[: rate * 14], rate, 8000), 8000, subtype="PCM_16")
+    ua_port, uas_port, media = rt.free_udp_port(), rt.free_udp_port(), rt.free_udp_port()
+    (tmp_path / "config").write_text(
+        f"sip_listen 127.0.0.1:{ua_port}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\nmodule aufile.so\n"
+        f"module menu.so\nmodule account.so\naudio_source aufile,{tmp_path / 'speech.wav'}\n"
+        f"audio_player aufile,{tmp_path / 'heard.wav'}\naudio_alert aufile,{tmp_path / 'alert.wav'}\n")
+    (tmp_path / "accounts").write_text("<sip:alice@127.0.0.1>;regint=0\n")
+    (tmp_path / "uas.xml").write_text(rt._SIPP_UAS.format(addr="127.0.0.1", port=media, pt=0, rtpmap="PCMU/8000"))
+    mon = start_monitor("-i", "call=sniff:lo", "--rtp-timeout", "2", "--duration", "90")
+    uas = None
+    try:
+        time.sleep(3.0)  # the model loads and the capture opens
+        assert mon.poll() is None, mon.stderr.read() if mon.stderr else ""
+        uas = subprocess.Popen(["sipp", "-sf", "uas.xml", "-i", "127.0.0.1", "-p", str(uas_port), "-m", "1",
+                                "-nostdin", "-timeout", "60s", "-trace_err"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        ua = subprocess.run(["baresip", "-f", str(tmp_path), "-e", f"/dial sip:monitor@127.0.0.1:{uas_port}",
+                             "-t", "16"], capture_output=True, text=True, timeout=60)
+        assert "Call established" in ua.stdout, ua.stdout[-3000:]
+        events = _until_the_call_record(mon)
+    finally:
+        rt.stop_process(mon)  # type: ignore[arg-type]
+        rt.stop_process(uas)
+    (st,) = [e for e in events if e["type"] == "stream_started"]
+    assert st["stream"].startswith("call-alice-to-monitor-") and st["meta"]["from"] == "alice", st
+    assert "PCMU" in st["detail"] and st["call"] == st["meta"]["call_id"]
+    assert [e["reason"] for e in events if e["type"] == "stream_ended"] == ["bye"]
+    assert sum(e["type"] == "score" and e["mos"] is not None for e in events) >= 1

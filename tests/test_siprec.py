@@ -18,7 +18,7 @@ from xml.sax.saxutils import quoteattr
 import pytest
 import soundfile as sf
 
-from scoreq_live.sip.message import parse
+from scoreq_live.sip.message import parse, split_stream
 from scoreq_live.sip.siprec import offered_media, parse_metadata
 from tests import rtp_tools as rt
 from tests.helpers import EXAMPLES, ScoreqProcess, speech_16k
@@ -189,6 +189,14 @@ def test_refusals_have_their_answers_and_garbage_none(tmp_path, tiny_nr):
             s.sendto(b"\x00garbage" * 50, addr)
             s.sendto(b"INVITE sip:x SIP/2.0\r\nno headers at all\r\n\r\n", addr)
             assert exchange(s, addr, request("OPTIONS", "still", 1)).status == 200  # garbage answered by nothing
+        with socket.create_connection(addr, timeout=10) as t:  # SIP over TCP, on the same port
+            t.sendall(b"\r\n\r\n" + request("OPTIONS", "tcp", 1) + invite("tcp@src", siprec=False))
+            got = b""
+            while got.count(b"SIP/2.0 ") < 2:
+                chunk = t.recv(65536)
+                assert chunk, got
+                got += chunk
+            assert [m.status for m in map(parse, split_stream(bytearray(got)))] == [200, 488]
         deadline = time.monotonic() + 60
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.5)
