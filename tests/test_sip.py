@@ -350,3 +350,43 @@ def test_a_baresip_call_is_found_and_named_from_its_sip(tmp_path):
     assert "PCMU" in st["detail"] and st["call"] == st["meta"]["call_id"]
     assert [e["reason"] for e in events if e["type"] == "stream_ended"] == ["bye"]
     assert sum(e["type"] == "score" and e["mos"] is not None for e in events) >= 1
+
+
+async def test_a_bpf_filter_lets_only_what_it_accepts_reach_the_monitor():
+    """sniff:lo?filter=udp port A: RTP to port A makes a stream, the same RTP to port B (filtered out in the
+    kernel) none; a filter that does not compile is one clear error."""
+    import asyncio
+
+    from scoreq_live.sources.base import SourceError
+    from scoreq_live.sources.sniff import SniffInput
+
+    if not _can_capture():
+        unavailable("live capture needs CAP_NET_RAW (run the tests as root)")
+    with pytest.raises(SourceError, match="filter="):
+        parse_sniff("lo?filter=udp portt 1")
+    a, b = rt.free_udp_port(), rt.free_udp_port()
+    sniff = SniffInput(parse_sniff(f"lo?filter=udp port {a}", "f"), timeout_s=1.0)
+    sniff.check()
+    found = []
+
+    async def collect() -> None:
+        async for src in sniff.streams():
+            found.append(src)
+
+    task = asyncio.create_task(collect())
+    try:
+        await asyncio.sleep(0.3)
+        packets = [rt.rtp_packet(seq=i, ts=160 * i, ssrc=0xF1) for i in range(60)]
+        await asyncio.to_thread(rt.send_packets, b, packets, 200.0)
+        await asyncio.to_thread(rt.send_packets, a, packets, 200.0)
+        deadline = asyncio.get_running_loop().time() + 20
+        while not found:
+            assert asyncio.get_running_loop().time() < deadline, (sniff.packets, sniff.calls.demuxes)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sniff.close()
+    assert [s.name for s in found] == ["f-000000f1"] and found[0].meta["local"] == f"127.0.0.1:{a}"
+    assert set(sniff.calls.heard) == {("127.0.0.1", a)}  # nothing to port b got past the kernel's filter

@@ -62,16 +62,61 @@ DEFAULT_SIP_PORTS = (5060, 5061, 5080)
 
 @dataclass(frozen=True)
 class SniffSpec:
-    """``sniff:IFACE[?sip-ports=5060,5080&sip-only=1]``."""
+    """``sniff:IFACE[?filter=BPF&sip-ports=5060,5080&sip-only=1]``."""
 
     iface: str
     sip_ports: tuple[int, ...] = DEFAULT_SIP_PORTS
     sip_only: bool = False
     name: str | None = None
+    filter: str = ""  # a BPF expression (tcpdump's syntax): only packets it accepts are read
 
     @property
     def prefix(self) -> str:
         return self.name or self.iface
+
+
+DLT_RAW = 12  # packets from the network header on: what an AF_PACKET SOCK_DGRAM socket hands a filter
+SO_ATTACH_FILTER = 26
+
+
+def compile_filter(expression: str) -> bytes:
+    """A BPF expression (``udp and net 10.0.0.0/8``) as the ``struct sock_fprog`` instructions the kernel takes.
+
+    Compiled by libpcap (the library tcpdump uses, loaded when a filter is given); raises SourceError when it is
+    not there or the expression does not compile.
+    """
+    import ctypes
+    import ctypes.util
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(Insn))]
+
+    name = ctypes.util.find_library("pcap")
+    if name is None:
+        raise SourceError("?filter= needs libpcap (Debian: libpcap0.8, which tcpdump installs)")
+    lib = ctypes.CDLL(name)
+    lib.pcap_open_dead.restype = ctypes.c_void_p
+    lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.pcap_compile.argtypes = [ctypes.c_void_p, ctypes.POINTER(Program), ctypes.c_char_p, ctypes.c_int,
+                                 ctypes.c_uint32]
+    lib.pcap_geterr.restype = ctypes.c_char_p
+    lib.pcap_geterr.argtypes = [ctypes.c_void_p]
+    lib.pcap_freecode.argtypes = [ctypes.POINTER(Program)]
+    lib.pcap_close.argtypes = [ctypes.c_void_p]
+    handle = lib.pcap_open_dead(DLT_RAW, 65535)
+    prog = Program()
+    try:
+        if lib.pcap_compile(handle, ctypes.byref(prog), expression.encode(), 1, 0xFFFFFFFF) != 0:
+            raise SourceError(f"?filter={expression!r}: {lib.pcap_geterr(handle).decode(errors='replace')}")
+        insns = b"".join(struct.pack("HBBI", prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf,
+                                     prog.bf_insns[i].k) for i in range(prog.bf_len))
+        lib.pcap_freecode(ctypes.byref(prog))
+    finally:
+        lib.pcap_close(handle)
+    return insns
 
 
 def parse_sniff(arg: str, name: str | None = None) -> SniffSpec:
@@ -80,8 +125,12 @@ def parse_sniff(arg: str, name: str | None = None) -> SniffSpec:
         raise SourceError(f"sniff:{arg}: expected sniff:IFACE (an interface name such as eth0, or 'any')")
     ports: tuple[int, ...] = DEFAULT_SIP_PORTS
     sip_only = False
+    bpf = ""
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "sip-ports":
+        if key == "filter":
+            bpf = value
+            compile_filter(bpf)  # a typo is reported now
+        elif key == "sip-ports":
             try:
                 ports = tuple(int(p) for p in value.split(",") if p)
             except ValueError:
@@ -91,8 +140,8 @@ def parse_sniff(arg: str, name: str | None = None) -> SniffSpec:
         elif key == "sip-only":
             sip_only = value in ("1", "true", "yes", "")
         else:
-            raise SourceError(f"sniff:{arg}: unknown option {key!r}; accepted: sip-ports, sip-only")
-    return SniffSpec(iface, ports, sip_only, name)
+            raise SourceError(f"sniff:{arg}: unknown option {key!r}; accepted: filter, sip-ports, sip-only")
+    return SniffSpec(iface, ports, sip_only, name, bpf)
 
 
 def tcp_of_ip(buf: bytes) -> tuple[Endpoint, Endpoint, int, bytes] | None:
@@ -287,6 +336,7 @@ class SniffInput(StreamSet):
         self.kernel_drops = 0  # packets the kernel dropped before the reader took them
         self.packets = 0
         self._sock: socket.socket | None = None
+        self._filter_buf: object = None  # the attached filter's instructions
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake = asyncio.Event()
@@ -309,6 +359,14 @@ class SniffInput(StreamSet):
                 sock.bind((self.spec.iface, ETH_P_ALL))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if self.spec.filter:
+                import ctypes
+
+                insns = compile_filter(self.spec.filter)
+                buf = ctypes.create_string_buffer(insns)
+                self._filter_buf = buf  # the kernel copies it; kept for the call's duration
+                fprog = struct.pack("HL", len(insns) // 8, ctypes.addressof(buf))
+                sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
             sock.settimeout(0.2)
         except OSError as e:
             sock.close()
