@@ -161,6 +161,9 @@ def _siprec_args(p: argparse.ArgumentParser) -> None:
                    help="recording clients allowed (repeatable; default loopback only); others get 403")
     g.add_argument("--siprec-accept-plain", action="store_true",
                    help="also score ordinary calls made to the monitor (not SIPREC), as one stream each")
+    g.add_argument("--max-calls", type=int, default=10_000, metavar="N",
+                   help="SIP calls a live capture (sniff:) follows at once, the oldest ended or unanswered "
+                        "forgotten first; and SIPREC sessions at once, more get 503 (default 10000)")
 
 
 def siprec_options(a: argparse.Namespace) -> SiprecOptions | None:
@@ -169,7 +172,7 @@ def siprec_options(a: argparse.Namespace) -> SiprecOptions | None:
     if not a.siprec:
         return None
     return SiprecOptions(a.siprec, parse_port_range(a.rtp_ports), tuple(a.siprec_allow) or DEFAULT_ALLOW,
-                         a.siprec_accept_plain)
+                         a.siprec_accept_plain, max_sessions=a.max_calls)
 
 
 def _monitor_args(p: argparse.ArgumentParser) -> None:
@@ -301,6 +304,7 @@ def monitor_options(a: argparse.Namespace) -> MonitorOptions:
                           jsonl=a.jsonl, linger=a.linger, rtp_timeout_s=a.rtp_timeout, max_latency_s=a.max_latency,
                           publish=a.publish, monitor_name=a.monitor_name, publish_buffer=a.publish_buffer,
                           store=store_options(a, a.monitor_name or ""), siprec=siprec_options(a),
+                          max_calls=a.max_calls,
                           ingest=IngestOptions(listen=a.whip, ice_hosts=tuple(a.ice_host), stun=tuple(a.stun),
                                                max_sessions=a.max_sessions))
 

@@ -95,6 +95,7 @@ class MonitorOptions:
 
     inputs: Sequence[str] = ()  # --input specs: 'mic', 'mic:NAME', a file, rtp://..., .sdp, pcap:FILE; NAME=...
     rtp_timeout_s: float | None = None  # an RTP sender silent this long has ended (None: the default, 5 s)
+    max_calls: int = 10_000  # SIP calls followed at once by a live capture (sniff:); SIPREC sessions at once
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     fast: bool = False  # play files as fast as scoring allows
     duration: float | None = None  # stop after this many seconds
@@ -139,7 +140,12 @@ def open_sources(opts: MonitorOptions) -> list[Input]:
             return []  # a monitor that only takes published streams (WHIP, media websockets, SIPREC)
         raise ConfigError("no --input given (or give --http / --whip and publish streams to the monitor, or "
                           "--siprec HOST:PORT for recorded calls)")
-    return open_inputs(list(opts.inputs), fast=opts.fast, rtp_timeout_s=opts.rtp_timeout_s)
+    if opts.max_calls < 1:
+        raise ConfigError(f"--max-calls must be at least 1 (got {opts.max_calls})")
+    from scoreq_live.sources import InputOptions
+
+    return open_inputs(list(opts.inputs), options=InputOptions(fast=opts.fast, timeout_s=opts.rtp_timeout_s,
+                                                               max_calls=opts.max_calls))
 
 
 def open_endpoints(opts: MonitorOptions) -> IngestRoutes | None:

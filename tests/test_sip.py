@@ -199,10 +199,12 @@ def test_sniff_spec_options_and_errors():
             parse_sniff(bad)
 
 
-def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path):
-    """sipp calls sipp on 127.0.0.1 and replays real speech as PCMU to the answer's address (where nothing
-    listens); the monitor captures lo: one stream named after the call, its Call-ID as the call key, ended
-    by the BYE, scoring like the same payloads decoded offline."""
+@pytest.mark.parametrize("codec, pt, rtpmap", [("pcmu", 0, "PCMU/8000"), ("g722", 9, "G722/8000")])
+def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path, codec, pt, rtpmap):
+    """sipp calls sipp on 127.0.0.1 and replays real speech (PCMU, G.722) to the answer's address (where
+    nothing listens); the monitor captures lo: one stream named after the call, its Call-ID as the call key,
+    ended by the BYE, scoring like the same payloads decoded offline by another decoder (G.711 tables; ffmpeg's
+    G.722)."""
     from tests.test_sources_rtp import offline_mean, start_monitor
 
     rt.require_sipp()
@@ -212,7 +214,7 @@ def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path):
     x, rate = sf.read(EXAMPLES / "clean.wav", dtype="float32")
     sf.write(wav, x[: rate * 12], rate, subtype="PCM_16")
     pcap = tmp_path / "caller.pcap"
-    rt.write_pcap(pcap, [rt.RtpFlow(wav, "pcmu", ssrc=0x5EEDF00D)])
+    rt.write_pcap(pcap, [rt.RtpFlow(wav, codec, ssrc=0x5EEDF00D)])
     payloads = [h.payload for *_, p in rt.read_pcap_udp(pcap) if (h := rt.parse_rtp_header(p)) is not None]
     port = rt.free_udp_port()
     mon = start_monitor("-i", "call=sniff:lo", "--rtp-timeout", "2", "--duration", "90")
@@ -224,7 +226,7 @@ def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path):
     try:
         time.sleep(3.0)  # the model loads and the capture opens (nothing to wait on: it binds no port)
         assert mon.poll() is None, mon.stderr.read() if mon.stderr else ""
-        with rt.sipp_rtp(pcap, port) as call:
+        with rt.sipp_rtp(pcap, port, payload_type=pt, rtpmap=rtpmap) as call:
             # Meanwhile, to the SIP port: 2,000 datagrams of garbage and 10,000 INVITEs that are never answered.
             flood = threading.Thread(target=_sip_flood, args=(2_000, 10_000))
             flood.start()
@@ -245,9 +247,16 @@ def test_a_sipp_call_on_loopback_is_found_named_and_scored_live(tmp_path):
     assert ended["reason"] == "bye" and ended["net"]["loss_pct"] == 0.0, ended
     live = [e["mos"] for e in events if e["type"] == "score" and e["mos"] is not None]
     assert len(live) >= 3
-    decoded = soxr.resample(rt.g711_decode(b"".join(payloads)), 8000, 16000, quality="HQ").astype(np.float32)
+    if codec == "pcmu":
+        decoded = soxr.resample(rt.g711_decode(b"".join(payloads)), 8000, 16000, quality="HQ").astype(np.float32)
+    else:  # ffmpeg's G.722 decoder on the same payloads, end to end
+        (tmp_path / "payloads.g722").write_bytes(b"".join(payloads))
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "g722", "-i", str(tmp_path / "payloads.g722"),
+                        "-ac", "1", "-ar", "16000", str(tmp_path / "decoded.wav")], check=True, timeout=60)
+        decoded = sf.read(tmp_path / "decoded.wav", dtype="float32")[0]
     ref = offline_mean(Scorer(OnnxModel(resolve_model("distillmos"), device="cpu"), max_batch=8), decoded)
     assert abs(float(np.mean(live)) - ref) < 0.3, (np.mean(live), ref)
+    assert ended["net"]["codec"] == rtpmap.split("/")[0]
     if tcpdump is None:
         unavailable("tcpdump is not installed (.ci/install-system.sh installs it): the capture was not compared")
     out = tmp_path / "scores.json"
@@ -390,3 +399,13 @@ async def test_a_bpf_filter_lets_only_what_it_accepts_reach_the_monitor():
         sniff.close()
     assert [s.name for s in found] == ["f-000000f1"] and found[0].meta["local"] == f"127.0.0.1:{a}"
     assert set(sniff.calls.heard) == {("127.0.0.1", a)}  # nothing to port b got past the kernel's filter
+
+
+def test_bad_sniff_and_siprec_options_are_one_clear_error_before_the_model_loads():
+    for args, words in ((["-i", "sniff:lo", "--max-calls", "0"], "--max-calls must be at least 1"),
+                        (["-i", "sniff:lo?bogus=1"], "unknown option 'bogus'"),
+                        (["--siprec", "127.0.0.1:0", "--rtp-ports", "5-1"], "--rtp-ports '5-1'"),
+                        (["--siprec", "127.0.0.1:0", "--siprec-allow", "not-a-net"], "--siprec-allow")):
+        r = subprocess.run([sys.executable, "-m", "scoreq_live", *args, "--no-tui", "--no-ws"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -45,6 +45,7 @@ class InputOptions:
     ice_hosts: Sequence[str] = ()
     stun: Sequence[str] = ()
     max_sessions: int = 64
+    max_calls: int = 10_000  # SIP calls a live capture follows at once (sniff:)
 
     @property
     def sender_timeout_s(self) -> float:
@@ -125,7 +126,7 @@ def _sdp(o: Opening) -> list[Input]:
 def _sniff(o: Opening) -> list[Input]:
     from scoreq_live.sources.sniff import open_sniff
 
-    return [open_sniff(o.arg or "", o.name, o.options.sender_timeout_s)]
+    return [open_sniff(o.arg or "", o.name, o.options.sender_timeout_s, o.options.max_calls)]
 
 
 def _pcap(o: Opening) -> list[Input]:

@@ -327,10 +327,11 @@ class SniffInput(StreamSet):
 
     kind = "sniff"
 
-    def __init__(self, spec: SniffSpec, timeout_s: float) -> None:
+    def __init__(self, spec: SniffSpec, timeout_s: float, max_calls: int = 10_000) -> None:
         super().__init__(spec.prefix, f"sniff:{spec.iface}")
         self.spec = spec
-        self.calls = LiveCalls(spec.prefix, timeout_s, spec.sip_ports, spec.sip_only)
+        self.calls = LiveCalls(spec.prefix, timeout_s, spec.sip_ports, spec.sip_only,
+                               DialogTracker(max_calls=max_calls))
         self.stats = CaptureStats()
         self.frags = _Reassembler(self.stats)
         self.kernel_drops = 0  # packets the kernel dropped before the reader took them
@@ -478,5 +479,5 @@ class SniffInput(StreamSet):
             self._sock = None
 
 
-def open_sniff(arg: str, name: str | None, timeout_s: float) -> SniffInput:
-    return SniffInput(parse_sniff(arg, name), timeout_s)
+def open_sniff(arg: str, name: str | None, timeout_s: float, max_calls: int = 10_000) -> SniffInput:
+    return SniffInput(parse_sniff(arg, name), timeout_s, max_calls)
