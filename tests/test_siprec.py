@@ -119,6 +119,17 @@ def wait_listening(mon: ScoreqProcess, port: int, timeout: float = 60.0) -> None
     raise AssertionError(f"--siprec did not answer OPTIONS:\n{mon.output()}")
 
 
+def until_call_record(mon: ScoreqProcess, jsonl: Path, timeout: float = 60.0) -> list[dict]:
+    """The monitor's events (its JSON lines) once a call record is among them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
+        if any(e["type"] == "call_record" for e in events):
+            return events
+        assert time.monotonic() < deadline, mon.output()
+        time.sleep(0.2)
+
+
 def test_a_recording_session_scores_each_participant_and_ends_with_the_bye(tmp_path, tiny_nr):
     mon, port = monitor(tmp_path, tiny_nr)
     sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -148,12 +159,7 @@ def test_a_recording_session_scores_each_participant_and_ends_with_the_bye(tmp_p
             t.join(60)
         bye = exchange(sip, addr, request("BYE", "rec-1@src", 3, to_tag))
         assert bye.status == 200
-        deadline = time.monotonic() + 60
-        events: list[dict] = []
-        while not any(e["type"] == "call_record" for e in events):
-            assert time.monotonic() < deadline, mon.output()
-            time.sleep(0.2)
-            events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+        events = until_call_record(mon, tmp_path / "events.jsonl")
     finally:
         sip.close()
         mon.stop()
@@ -307,12 +313,7 @@ def test_sipp_as_a_recording_client_gets_its_participant_scored(tmp_path, tiny_n
                               "-nostdin", "-timeout", "40s", "-timeout_error", "-trace_err"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=60)
         assert src.returncode == 0, src.stdout[-2000:] + src.stderr[-2000:]
-        deadline = time.monotonic() + 60
-        events: list[dict] = []
-        while not any(e["type"] == "call_record" for e in events):
-            assert time.monotonic() < deadline, mon.output()
-            time.sleep(0.2)
-            events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+        events = until_call_record(mon, tmp_path / "events.jsonl")
     finally:
         mon.stop()
     (st,) = [e for e in events if e["type"] == "stream_started"]

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from scoreq_live.calls.store import CallQuery, Connection, Store, parse_age
+from scoreq_live.calls.store import CallQuery, Connection, Store, StoreMissing, parse_age
 from scoreq_live.errors import ConfigError
 from scoreq_live.http.policy import HttpRequest, only_get, response
 from scoreq_live.http.site import HttpSite, policy_request, web_response
@@ -140,6 +140,8 @@ class CallsRoutes:
             return _json(400, {"error": str(e)}, head)
         try:
             rows, total = await self._read(lambda conn: conn.calls(q))
+        except StoreMissing:  # the monitor has not written its first batch yet: no calls so far
+            rows, total = [], 0
         except Exception as e:
             return _json(503, {"error": f"the store cannot be read: {_line(e)}"}, head)
         return _json(200, {"calls": rows, "total": total, "limit": q.limit, "offset": q.offset, "mode": self.mode,
@@ -153,6 +155,8 @@ class CallsRoutes:
             return _json(404, {"error": "no such call"}, head)
         try:
             found = await self._read(lambda conn: conn.call(call_id))
+        except StoreMissing:
+            found = None
         except Exception as e:
             return _json(503, {"error": f"the store cannot be read: {_line(e)}"}, head)
         if found is None:

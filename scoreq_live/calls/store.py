@@ -78,6 +78,10 @@ class StoreError(ScoreqLiveError):
     """The store cannot be opened or written (the database is down, the disk full, a schema too new)."""
 
 
+class StoreMissing(StoreError):
+    """The store is not there yet (no file, no schema): nothing was written to it."""
+
+
 def _insert(table: str, columns: Sequence[str], conflict: str, update: Sequence[str] = ()) -> str:
     marks = ", ".join("?" for _ in columns)
     what = ("DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in update)) if update else "DO NOTHING"
@@ -202,7 +206,7 @@ class Store:
             conn = Connection(raw, postgres=True)
         else:
             if not create and not self.path.exists():
-                raise StoreError(f"{self}: no such store (a monitor run with --store {self} creates it)")
+                raise StoreMissing(f"{self}: no such store (a monitor run with --store {self} creates it)")
             try:
                 raw = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
                 raw.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer, nor it for them
@@ -296,7 +300,7 @@ class Connection:
         try:
             rows = self.query("SELECT value FROM meta WHERE key = 'schema'")
         except self.errors as e:
-            raise StoreError(f"{where}: not a scoreq-live store ({_first_line(e)})") from None
+            raise StoreMissing(f"{where}: not a scoreq-live store ({_first_line(e)})") from None
         if not rows or int(rows[0][0]) > SCHEMA_VERSION:
             raise StoreError(f"{where}: schema version {rows[0][0] if rows else '?'} is not one this scoreq-live "
                              "reads; upgrade it")
