@@ -133,7 +133,7 @@ def format_endpoint(ep: Endpoint) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _Reassembler:
+class Reassembler:
     """Puts fragmented IP datagrams back together (RFC 791 / RFC 8200), with bounded state."""
 
     def __init__(self, stats: CaptureStats) -> None:
@@ -236,7 +236,7 @@ class Capture:
         if self._used:
             raise RuntimeError("Capture.datagrams() can be iterated only once")
         self._used = True
-        frags = _Reassembler(self.stats)
+        frags = Reassembler(self.stats)
         it = iter(self._reader)
         link = self.link_type
         while True:
@@ -272,7 +272,7 @@ def read_datagrams(path: str | Path) -> Iterator[Datagram]:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def _udp(link: int, buf: bytes, frags: _Reassembler,
+def _udp(link: int, buf: bytes, frags: Reassembler,
          stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
     """(src, dst, payload) of a frame that is a UDP datagram, else None (counted)."""
     net = _network(link, buf)
@@ -287,6 +287,22 @@ def _udp(link: int, buf: bytes, frags: _Reassembler,
     except (struct.error, IndexError, ValueError):  # a header cut short
         stats.truncated += 1
         return None
+
+
+def udp_of_ip(buf: bytes, frags: Reassembler, stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
+    """(src, dst, payload) of an IPv4/IPv6 packet that is UDP (fragments put together), else None (counted)."""
+    if not buf:
+        return None
+    try:
+        if buf[0] >> 4 == 4:
+            return _ipv4(buf, 0, frags, stats)
+        if buf[0] >> 4 == 6:
+            return _ipv6(buf, 0, frags, stats)
+    except (struct.error, IndexError, ValueError):
+        stats.truncated += 1
+        return None
+    stats.not_udp += 1
+    return None
 
 
 def _network(link: int, buf: bytes) -> tuple[int, int] | None:
@@ -330,7 +346,7 @@ def _by_ethertype(etype: int, off: int) -> tuple[int, int] | None:
     return None
 
 
-def _ipv4(buf: bytes, off: int, frags: _Reassembler, stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
+def _ipv4(buf: bytes, off: int, frags: Reassembler, stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
     b0 = buf[off]
     ihl = (b0 & 0x0F) * 4
     if b0 >> 4 != 4 or ihl < 20:
@@ -360,7 +376,7 @@ def _ipv4(buf: bytes, off: int, frags: _Reassembler, stats: CaptureStats) -> tup
     return _udp_payload(body, src, dst, stats)
 
 
-def _ipv6(buf: bytes, off: int, frags: _Reassembler, stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
+def _ipv6(buf: bytes, off: int, frags: Reassembler, stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
     if buf[off] >> 4 != 6:
         stats.truncated += 1
         return None

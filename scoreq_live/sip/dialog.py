@@ -116,7 +116,7 @@ class DialogTracker:
         if not cid:
             self.ignored += 1
             return None
-        cseq, cmethod = msg.cseq
+        _, cmethod = msg.cseq
         call = self.calls.get(cid)
         if call is None:
             if msg.method != "INVITE":
@@ -137,7 +137,6 @@ class DialogTracker:
                 call.answered = t
             elif msg.status >= 300 and call.answered is None and call.ended is None:
                 call.ended, call.end_reason = t, f"rejected {msg.status}"
-        del cseq
         return call
 
     def _new(self, msg: SipMessage, t: float) -> Call:

@@ -41,6 +41,7 @@ from scoreq_live.errors import ConfigError
 from scoreq_live.rtp.codecs import CodecError, parse_sdp
 from scoreq_live.sip.message import SipError, SipMessage, parse, split_stream
 from scoreq_live.sources.base import Source, StreamSet
+from scoreq_live.sources.rtp import RtpPort, RtpSpec
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class Session:
     to_tag: str
     media: list[tuple[Offered, Participant | None, int]]  # offered stream, who sends it, our port for it
     answer: bytes  # the 200 OK's SDP (sent again for a re-INVITE)
-    ports: list[object] = field(default_factory=list)  # the RtpPorts receiving it
+    ports: list[RtpPort] = field(default_factory=list)  # receiving it, a port per stream
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -339,11 +340,8 @@ class SiprecServer(StreamSet):
     # -- media --------------------------------------------------------------------------------------
 
     def _open(self, s: Session, sdp: str) -> None:
-        from scoreq_live.rtp.codecs import parse_sdp as codecs_of
-        from scoreq_live.sources.rtp import RtpPort, RtpSpec
-
         codecs = {}
-        for m in codecs_of(sdp):
+        for m in parse_sdp(sdp):
             codecs.update(m.codecs)
         for offered, person, port in s.media:
             who = person.label if person is not None else f"label{offered.label}"
@@ -352,10 +350,7 @@ class SiprecServer(StreamSet):
             s.ports.append(rtp)
             s.tasks.append(asyncio.get_running_loop().create_task(self._forward(s, rtp, offered, person)))
 
-    async def _forward(self, s: Session, rtp: object, offered: Offered, person: Participant | None) -> None:
-        from scoreq_live.sources.rtp import RtpPort
-
-        assert isinstance(rtp, RtpPort)
+    async def _forward(self, s: Session, rtp: RtpPort, offered: Offered, person: Participant | None) -> None:
         try:
             async for src in rtp.streams():
                 # the participant's name; a second sender on the port while the first is live keeps its SSRC
@@ -376,10 +371,7 @@ class SiprecServer(StreamSet):
     def _end(self, s: Session, reason: str) -> None:
         """The session is over: its streams end with ``reason``; its ports close (and come free) as their
         tasks end."""
-        from scoreq_live.sources.rtp import RtpPort
-
         for rtp in s.ports:
-            assert isinstance(rtp, RtpPort)
             for key in list(rtp.adapter.live):
                 rtp.adapter.gone(key, reason)
         for t in s.tasks:
@@ -387,10 +379,7 @@ class SiprecServer(StreamSet):
 
     def _release(self, s: Session) -> None:
         """A session that never started: its ports close and come free now."""
-        from scoreq_live.sources.rtp import RtpPort
-
         for rtp in s.ports:
-            assert isinstance(rtp, RtpPort)
             rtp.close()
         for _, _, port in s.media:
             if port not in self.free_ports:

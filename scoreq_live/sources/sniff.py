@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from scoreq_live.rtp.capture import CaptureStats, Datagram, _ipv4, _ipv6, _Reassembler, format_endpoint
+from scoreq_live.rtp.capture import CaptureStats, Datagram, Reassembler, format_endpoint, udp_of_ip
 from scoreq_live.rtp.codecs import STATIC
 from scoreq_live.rtp.packet import is_rtcp
 from scoreq_live.rtp.receiver import DemuxEvent, RtpDemux, RtpStream
@@ -170,22 +170,6 @@ def tcp_of_ip(buf: bytes) -> tuple[Endpoint, Endpoint, int, bytes] | None:
         return None
 
 
-def udp_of_ip(buf: bytes, frags: _Reassembler, stats: CaptureStats) -> tuple[Endpoint, Endpoint, bytes] | None:
-    """(src, dst, payload) of an IPv4/IPv6 packet that is UDP (fragments put together), else None (counted)."""
-    if not buf:
-        return None
-    try:
-        if buf[0] >> 4 == 4:
-            return _ipv4(buf, 0, frags, stats)
-        if buf[0] >> 4 == 6:
-            return _ipv6(buf, 0, frags, stats)
-    except (struct.error, IndexError, ValueError):
-        stats.truncated += 1
-        return None
-    stats.not_udp += 1
-    return None
-
-
 @dataclass
 class LiveCalls:
     """Datagrams in (SIP and RTP of a live capture or a capture file), streams out.  Sans-I/O.
@@ -210,10 +194,9 @@ class LiveCalls:
 
     def feed(self, d: Datagram, t: float) -> None:
         data = d.payload
-        if (d.src[1] in self.sip_ports or d.dst[1] in self.sip_ports) or looks_like_sip(data):
-            if looks_like_sip(data):
-                self._sip(data, t)
-                return
+        if looks_like_sip(data):  # on any port: SIP's first bytes never pass as RTP's
+            self._sip(data, t)
+            return
         if len(data) < 12 or data[0] >> 6 != 2:
             return
         dst = d.dst
@@ -333,7 +316,7 @@ class SniffInput(StreamSet):
         self.calls = LiveCalls(spec.prefix, timeout_s, spec.sip_ports, spec.sip_only,
                                DialogTracker(max_calls=max_calls))
         self.stats = CaptureStats()
-        self.frags = _Reassembler(self.stats)
+        self.frags = Reassembler(self.stats)
         self.kernel_drops = 0  # packets the kernel dropped before the reader took them
         self.packets = 0
         self._sock: socket.socket | None = None
