@@ -109,6 +109,8 @@ class PanelState:
         if state is not None:
             r.state = state
             r.ended_ts = None if state == "live" else ev.ts
+            if r.ended_ts is not None:
+                self._forget(ev.ts)  # the bound holds at every end, not only at the next start
         if isinstance(ev, StreamStarted):
             r.source, r.mode, r.model = ev.source, ev.mode, ev.model
             self._forget(ev.ts)
