@@ -227,6 +227,8 @@ def load_bench_scorer(opts: ScoringOptions) -> LoadedScorer:
     """The scorer to bench: the model on this machine (``--backend`` is refused before anything loads)."""
     if opts.backend:
         raise ConfigError(NOT_LOCAL)
+    if opts.extra_models:
+        raise ConfigError("bench measures one model at a time: give one --model (run it once per model)")
     return load_scorer(opts)
 
 

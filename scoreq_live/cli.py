@@ -42,8 +42,12 @@ def _err(msg: str) -> int:
 
 def _scoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
-    g.add_argument("--model", help="catalogue name (see 'models list') or an ONNX file (default: distillmos; "
-                                    "distillmos-embedding in --mode ref)")
+    g.add_argument("--model", action="append", metavar="MODEL",
+                   help="catalogue name (see 'models list') or an ONNX file (default: distillmos; "
+                        "distillmos-embedding in --mode ref); repeat it to score every stream with more models, "
+                        "each on its own window and hop: the first gives the stream's mos/distance, the others "
+                        "their named scores (e.g. --model distillmos --model dnsmos)")
+    g.add_argument("--models", metavar="A,B,...", help="the same as --model A --model B ...")
     g.add_argument("--model-spec", metavar="TOML",
                    help="model contract for an ONNX file (names, kind, window, padding)")
     g.add_argument("--model-kind", choices=("mos", "embedding"), help="kind of an ONNX file given without a spec")
@@ -271,7 +275,9 @@ def scoring_options(a: argparse.Namespace) -> ScoringOptions:
     """The scoring flags as options."""
     from scoreq_live.scoring.load import ScoringOptions
 
-    return ScoringOptions(model=a.model, model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
+    models = [*(a.model or ()), *(m.strip() for m in (getattr(a, "models", None) or "").split(",") if m.strip())]
+    return ScoringOptions(model=models[0] if models else None, extra_models=tuple(models[1:]),
+                          model_spec=a.model_spec, model_kind=a.model_kind, mode=a.mode,
                           references=tuple(a.reference), window_s=a.window, hop_s=a.hop, device=a.device,
                           threads=a.threads, max_batch=a.max_batch, min_speech=a.min_speech, vad=a.vad,
                           backend=getattr(a, "backend", None), backend_fallback=getattr(a, "backend_fallback", None),
@@ -342,6 +348,9 @@ def cmd_monitor(a: argparse.Namespace) -> int:
         batch = f", batch sizes {'/'.join(map(str, plan.sizes))} ({plan.source})" if plan is not None else ""
         console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {stream.mode}, "
                       f"window {stream.window_s:g}s, hop {stream.hop_s:g}s{batch}", highlight=False)
+        for x in monitor.scoring.extra:
+            console.print(f"  and [bold]{x.scorer.model.describe()}[/]: {', '.join(x.names)}; window "
+                          f"{x.stream.window_s:g}s, hop {x.stream.hop_s:g}s", highlight=False)
     if a.no_tui:
         if not a.quiet:
             monitor.sinks.append(StatusSink())
@@ -409,17 +418,25 @@ def cmd_score(a: argparse.Namespace) -> int:
     with Progress(console=err, disable=not show, transient=True) as progress:
         task = progress.add_task("scoring", total=len(files))
         for f in files:
-            results.extend(score_path(f, scorer, config, rtp_port=a.rtp_port, max_duration_s=max_duration))
+            results.extend(score_path(f, scorer, config, rtp_port=a.rtp_port, max_duration_s=max_duration,
+                                      extra=loaded.extra))
             progress.advance(task)
     key = "MOS" if config.mode == "nr" else "distance"
-    table = Table(title=f"{model.describe()} · window {config.window_s:g}s hop {config.hop_s:g}s")
+    title = f"{model.describe()} · window {config.window_s:g}s hop {config.hop_s:g}s"
+    for x in loaded.extra:
+        title += f" + {x.name} · window {x.stream.window_s:g}s hop {x.stream.hop_s:g}s"
+    table = Table(title=title)
     table.add_column("file")
     table.add_column(key, justify="right")
+    more = [n for x in loaded.extra for n in x.names]  # the additional models' scores: a column each
+    for n in more:
+        table.add_column(n, justify="right")
     table.add_column("windows", justify="right")
     table.add_column("note")
     for r in results:
         v = "–" if r.value is None else (f"{r.value:.3f}" if config.mode == "nr" else f"{r.value:.4f}")
-        table.add_row(r.file, v, str(len(r.windows)), r.error or "")
+        cells = ["–" if r.scores.get(n) is None else f"{r.scores[n]:.3f}" for n in more]
+        table.add_row(r.file, v, *cells, str(len(r.windows)), r.error or "")
     out = Console(stderr=a.json == "-" or a.csv == "-")
     out.print(table)
     if a.csv:

@@ -25,6 +25,7 @@ from scoreq_live.core.events import (
     StreamError,
     StreamStarted,
     new_id,
+    qualified,
 )
 from scoreq_live.core.schedule import OVERLOADED, LiveScheduler
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
@@ -66,6 +67,35 @@ _STOP = _Stop()
 _Item = tuple[StreamCore, Window] | _Stop
 
 
+class ModelLane:
+    """One model's scoring in the engine: its runner, the windows waiting for it, its runs in flight.
+
+    A stream scored by several models has a lane per model (each with its own
+    window and hop, :class:`~scoreq_live.core.stream.StreamConfig`); each lane
+    batches its windows across streams and is scheduled on its own.
+    """
+
+    def __init__(self, index: int, stream: StreamConfig, runner: Runner, config: EngineConfig) -> None:
+        self.index = index
+        self.stream = stream
+        self.runner = runner
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)  # --fast
+        self.schedule: LiveScheduler[StreamCore] = LiveScheduler(
+            stream.hop_s, config.max_batch, config.batch_wait_s, config.max_latency_s)  # live
+        self.wake = asyncio.Event()  # live: a window is waiting, or the run ends
+        self.inflight: set[asyncio.Task[None]] = set()  # runs started and not answered
+        self.room = asyncio.Event()  # set when a run in flight is answered
+        self.batches: deque[int] = deque(maxlen=RECENT_BATCHES)  # sizes of the latest model runs
+        self.runs = 0  # model runs made
+        self.windows_run = 0  # windows those runs scored (or failed on)
+
+    def describe(self) -> dict[str, object]:
+        """The model as ``stream_started.models`` lists it."""
+        names = self.runner.names or (self.stream.model,)
+        return {"model": self.stream.model, "window_s": self.stream.window_s, "hop_s": self.stream.hop_s,
+                "scores": [qualified(self.stream.model, n) for n in names]}
+
+
 class Engine:
     """Runs sources concurrently and scores their windows in shared batches.
 
@@ -90,17 +120,22 @@ class Engine:
     :attr:`cores` holds the live streams only: an ended stream is forgotten at
     once (the outputs keep what they show of it), so streams that come and go
     do not grow memory.
+
+    ``extra`` adds models that score every stream besides the first, each
+    a ``(StreamConfig, Runner)``: its own window and hop, its own batches
+    (:class:`ModelLane`); their results are ``model_score`` events.
     """
 
     def __init__(self, scorer: BatchScorer | None, sources: Sequence[Source | StreamSet], config: EngineConfig,
                  bus: EventBus, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, fallback: BatchScorer | None = None,
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, extra: Sequence[tuple[StreamConfig, Runner]] = ()) -> None:
         if runner is None:
             if scorer is None:
                 raise ValueError("an engine needs a scorer or a runner")
             runner = runner_for(scorer, config.max_inflight, fallback)
-        self.runner = runner
+        self.models = [ModelLane(0, config.stream, runner, config),
+                       *(ModelLane(i + 1, sc, r, config) for i, (sc, r) in enumerate(extra))]
         self.sources = list(sources)
         self.config = config
         self.bus = bus
@@ -114,19 +149,32 @@ class Engine:
         self._inputs_end = False  # True when some input is not an endpoint: the run ends when those have ended
         self._idle = asyncio.Event()  # set when no task is left
         self.streams_seen = 0  # streams attached since start
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=config.max_pending)  # --fast
-        self.schedule: LiveScheduler[StreamCore] = LiveScheduler(
-            config.stream.hop_s, config.max_batch, config.batch_wait_s, config.max_latency_s)  # live
-        self._wake = asyncio.Event()  # live: a window is waiting, or the run ends
         self._closing = False
-        self._inflight: set[asyncio.Task[None]] = set()  # runs started and not answered
-        self._room = asyncio.Event()  # set when a run in flight is answered
         self._resolved = asyncio.Condition()
         self._stop = asyncio.Event()
-        self.batches: deque[int] = deque(maxlen=RECENT_BATCHES)  # sizes of the latest model runs
-        self.runs = 0  # model runs made
-        self.windows_run = 0  # windows those runs scored (or failed on)
-        self.batch_observers: list[BatchObserver] = []  # the metrics' hook
+        self.batch_observers: list[BatchObserver] = []  # the metrics' hook (the first model's runs)
+
+    # The first model's lane: what a monitor with one model has.
+    @property
+    def runner(self) -> Runner:
+        return self.models[0].runner
+
+    @property
+    def schedule(self) -> LiveScheduler[StreamCore]:
+        return self.models[0].schedule
+
+    @property
+    def batches(self) -> deque[int]:
+        """Sizes of the first model's latest runs."""
+        return self.models[0].batches
+
+    @property
+    def runs(self) -> int:
+        return self.models[0].runs
+
+    @property
+    def windows_run(self) -> int:
+        return self.models[0].windows_run
 
     @property
     def run_ema_s(self) -> float | None:
@@ -180,8 +228,10 @@ class Engine:
     def attach(self, source: Source) -> asyncio.Task[None]:
         """Run one more stream now (from inside the running engine); its name is made unique among live ones."""
         source.name = self._unique(source.name)
-        core = self.cores[source.name] = StreamCore(source.name, self.config.stream)  # reserved before the task runs
-        core.state = self.runner.new_state()  # the model family's, dropped with the core when the stream ends
+        core = self.cores[source.name] = StreamCore(  # reserved before the task runs
+            source.name, self.config.stream, [m.stream for m in self.models[1:]])
+        for lane, model in zip(core.lanes, self.models):
+            lane.state = model.runner.new_state()  # the model family's, dropped with the core when the stream ends
         self._inputs[source.name] = source
         self.streams_seen += 1
         return self._spawn(self._pump(source), f"source:{source.name}")
@@ -203,13 +253,14 @@ class Engine:
             group.close()
 
     async def _submit(self, core: StreamCore, window: Window) -> None:
+        model = self.models[window.lane]
         if self.config.fast:
-            await self._queue.put((core, window))
+            await model.queue.put((core, window))
             return
-        replaced = self.schedule.offer(core, window)
+        replaced = model.schedule.offer(core, window)
         if replaced is not None:
             core.resolve(replaced, None, OVERLOADED)  # a newer window replaces it: its skip goes out now
-        self._wake.set()
+        model.wake.set()
 
     async def _pump(self, source: Source) -> None:
         core = self.cores[source.name]
@@ -255,7 +306,8 @@ class Engine:
                 self.bus.publish(StreamEnded(stream=source.name, ts=self.wall(), reason=end_reason,
                                              t=core.t, windows=core.windows, scored=core.scored,
                                              net=source.net_summary()))
-            self.schedule.forget(core)
+            for model in self.models:
+                model.schedule.forget(core)
             if self.cores.get(source.name) is core:  # forget it: the outputs keep what they show of it
                 del self.cores[source.name]
                 del self._inputs[source.name]
@@ -265,106 +317,111 @@ class Engine:
         self.bus.publish(StreamStarted(
             stream=source.name, ts=self.wall(), source=source.kind, detail=source.detail,
             rate=source.rate, channels=source.channels, model=cfg.model, mode=cfg.mode,
-            window_s=cfg.window_s, hop_s=cfg.hop_s, id=new_id(), call=source.call, meta=dict(source.meta) or None))
+            window_s=cfg.window_s, hop_s=cfg.hop_s, id=new_id(), call=source.call, meta=dict(source.meta) or None,
+            models=[m.describe() for m in self.models[1:]] or None))
 
     # -- taking batches -----------------------------------------------------------------------------
 
-    async def _collect(self, first: tuple[StreamCore, Window]) -> list[tuple[StreamCore, Window]]:
+    async def _collect(self, model: ModelLane, first: tuple[StreamCore, Window]
+                       ) -> list[tuple[StreamCore, Window]]:
         """--fast: the first window and those queued behind it, up to a batch."""
         batch = [first]
         while len(batch) < self.config.max_batch:
             try:
-                item = self._queue.get_nowait()
+                item = model.queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
             if isinstance(item, _Stop):
-                self._queue.put_nowait(item)  # seen again after this batch
+                model.queue.put_nowait(item)  # seen again after this batch
                 break
             batch.append(item)
         return batch
 
-    async def _score_loop(self) -> None:
+    async def _score_loop(self, model: ModelLane) -> None:
         if not self.config.fast:
-            await self._score_live()
+            await self._score_live(model)
             return
         while True:
-            first = await self._queue.get()
+            first = await model.queue.get()
             if isinstance(first, _Stop):
-                await self._answered()
+                await self._answered(model)
                 return
-            await self._wait_room()  # windows queue up meanwhile and join this batch
-            await self._dispatch(await self._collect(first))
+            await self._wait_room(model)  # windows queue up meanwhile and join this batch
+            await self._dispatch(model, await self._collect(model, first))
             del first  # hold nothing of a batch while waiting for the next: ended streams are freed now
 
-    async def _score_live(self) -> None:
+    async def _score_live(self, model: ModelLane) -> None:
         """Live inputs: score the streams' waiting windows, fairly, within the latency budget."""
         cfg = self.config
+        schedule = model.schedule
         while True:
-            while not self.schedule.waiting:
+            while not schedule.waiting:
                 if self._closing:
-                    await self._answered()
+                    await self._answered(model)
                     return
-                self._wake.clear()
-                await self._wake.wait()
-            await self._wait_room()  # newer windows replace waiting ones meanwhile
+                model.wake.clear()
+                await model.wake.wait()
+            await self._wait_room(model)  # newer windows replace waiting ones meanwhile
             # Windows of other streams due at the same moment join this run (sources are not in step).
             deadline = self.clock() + cfg.batch_wait_s
-            while not self.schedule.full and not self._closing:
+            while not schedule.full and not self._closing:
                 left = deadline - self.clock()
                 if left <= 0:
                     break
-                self._wake.clear()
+                model.wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), left)
+                    await asyncio.wait_for(model.wake.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            take = self.schedule.take(self.clock())
+            take = schedule.take(self.clock())
             for core, w, reason in take.skipped:
                 core.resolve(w, None, reason)
             for core in {core: None for core, _, _ in take.skipped}:
                 self._publish_drained(core)
             if take.batch:
-                await self._dispatch(take.batch)
+                await self._dispatch(model, take.batch)
             del take  # hold nothing of a batch while waiting for the next: ended streams are freed now
             await self._wake_enders()  # windows resolved here (skipped, replaced) may be a stream's last
 
     # -- runs in flight -----------------------------------------------------------------------------
 
-    async def _wait_room(self) -> None:
-        while len(self._inflight) >= self.runner.max_inflight:
-            self._room.clear()
-            await self._room.wait()
+    async def _wait_room(self, model: ModelLane) -> None:
+        while len(model.inflight) >= model.runner.max_inflight:
+            model.room.clear()
+            await model.room.wait()
 
-    async def _dispatch(self, batch: list[tuple[StreamCore, Window]]) -> None:
+    async def _dispatch(self, model: ModelLane, batch: list[tuple[StreamCore, Window]]) -> None:
         """Start a run; the loop goes on taking windows while the runner has room for more.
 
         A runner with room for one run at a time (a local model) is awaited in
         place: nothing could be taken meanwhile anyway.
         """
-        if self.runner.max_inflight == 1:
-            await self._run(batch)
+        if model.runner.max_inflight == 1:
+            await self._run(model, batch)
             return
-        task = asyncio.get_running_loop().create_task(self._run(batch), name="run")
-        self._inflight.add(task)
-        task.add_done_callback(self._run_done)
+        task = asyncio.get_running_loop().create_task(self._run(model, batch), name="run")
+        model.inflight.add(task)
 
-    def _run_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._room.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a scoring run failed: %s", task.exception())
+        def done(task: asyncio.Task[None]) -> None:
+            model.inflight.discard(task)
+            model.room.set()
+            if not task.cancelled() and task.exception() is not None:
+                log.error("a scoring run failed: %s", task.exception())
 
-    async def _answered(self) -> None:
+        task.add_done_callback(done)
+
+    async def _answered(self, model: ModelLane) -> None:
         """Wait for every run in flight (the run is ending)."""
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        while model.inflight:
+            await asyncio.gather(*list(model.inflight), return_exceptions=True)
 
-    async def _run(self, batch: list[tuple[StreamCore, Window]]) -> None:
+    async def _run(self, model: ModelLane, batch: list[tuple[StreamCore, Window]]) -> None:
         try:
-            outcome = await self.runner.run([w.audio for _, w in batch], [core.state for core, _ in batch])
+            lane = model.index
+            outcome = await model.runner.run([w.audio for _, w in batch], [core.lanes[lane].state for core, _ in batch])
             if outcome.took is not None:
-                self._ran(len(batch), outcome.took)
-            self._resolve(batch, outcome)
+                self._ran(model, len(batch), outcome.took)
+            self._resolve(model, batch, outcome)
         finally:
             del batch
             await self._wake_enders()
@@ -374,18 +431,19 @@ class Engine:
         async with self._resolved:
             self._resolved.notify_all()
 
-    def _ran(self, n: int, took: float) -> None:
+    def _ran(self, model: ModelLane, n: int, took: float) -> None:
         """Count a model run (local, or a request's round trip)."""
-        self.batches.append(n)
-        self.runs += 1
-        self.windows_run += n
-        self.schedule.ran(took)
-        for observe in self.batch_observers:
-            observe(n, took)
+        model.batches.append(n)
+        model.runs += 1
+        model.windows_run += n
+        model.schedule.ran(took)
+        if model.index == 0:
+            for observe in self.batch_observers:
+                observe(n, took)
 
-    def _resolve(self, batch: list[tuple[StreamCore, Window]], outcome: Outcome) -> None:
+    def _resolve(self, model: ModelLane, batch: list[tuple[StreamCore, Window]], outcome: Outcome) -> None:
         touched: dict[str, StreamCore] = {}
-        names = self.runner.names
+        names = model.runner.names
         for i, ((core, w), v) in enumerate(zip(batch, outcome.values)):
             if not w.resolved:  # a stopped stream has given up on its windows already
                 named = None
@@ -408,8 +466,9 @@ class Engine:
         An input that opens streams (an RTP port) never ends by itself, so a
         monitor with one runs until stopped or for ``duration``.
         """
-        await self.runner.start(self.bus.publish, self.wall)
-        scorer_task = asyncio.create_task(self._score_loop(), name="scorer")
+        for model in self.models:
+            await model.runner.start(self.bus.publish, self.wall)
+        scorers = [asyncio.create_task(self._score_loop(m), name=f"scorer:{m.stream.model}") for m in self.models]
         self._idle.set()
         self._inputs_end = any(not (isinstance(s, StreamSet) and s.endpoint) for s in self.sources)
         for s in self.sources:
@@ -437,11 +496,14 @@ class Engine:
                         t.cancel()  # a no-op for tasks that have ended
                     await asyncio.gather(*batch, return_exceptions=True)
                     group.difference_update(batch)
-            await self._queue.put(_STOP)
+            for model in self.models:
+                await model.queue.put(_STOP)
             self._closing = True
-            self._wake.set()
+            for model in self.models:
+                model.wake.set()
             try:
-                await scorer_task
+                await asyncio.gather(*scorers)
             finally:
-                await self.runner.aclose()
+                for model in self.models:
+                    await model.runner.aclose()
                 self.bus.close()

@@ -26,6 +26,7 @@ from scoreq_live.core.alerts import AlertEvaluator, AlertRule, check_rule_mode, 
 from scoreq_live.engine import Engine, EngineConfig
 from scoreq_live.errors import ConfigError
 from scoreq_live.scoring.load import LoadedScorer, ScoringOptions, load_scorer
+from scoreq_live.scoring.runner import runner_for
 from scoreq_live.signals import stop_on_signals, wait_stopped
 from scoreq_live.sinks.bands import Bands
 from scoreq_live.sinks.base import Sink, close_sinks, start_sinks
@@ -177,9 +178,15 @@ def open_endpoints(opts: MonitorOptions) -> IngestRoutes | None:
     return IngestRoutes(whip, media)
 
 
-def parse_alerts(rules: Sequence[str]) -> list[AlertRule]:
-    """The ``--alert`` rules, parsed once (before the model loads, so a typo costs nothing)."""
-    return [parse_rule(r) for r in rules]
+def parse_alerts(rules: Sequence[str], scoring: ScoringOptions | None = None) -> list[AlertRule]:
+    """The ``--alert`` rules, parsed once (before the model loads, so a typo costs nothing).
+
+    A bare model name is a metric when that model is one of the additional ones (its one score).
+    """
+    from pathlib import Path
+
+    models = {Path(m).stem if m.endswith(".onnx") else m for m in (scoring.extra_models if scoring else ())}
+    return [parse_rule(r, models) for r in rules]
 
 
 @dataclass
@@ -220,7 +227,8 @@ class Monitor:
                 self.scoring.scorer, self.sources,
                 EngineConfig(stream=self.scoring.stream, max_batch=self.scoring.scorer.max_batch,
                              batch_wait_s=opts.batch_wait_s, max_pending=opts.max_pending, fast=opts.fast,
-                             max_latency_s=opts.max_latency_s), bus, fallback=self.scoring.fallback)
+                             max_latency_s=opts.max_latency_s), bus, fallback=self.scoring.fallback,
+                extra=[(x.stream, runner_for(x.scorer)) for x in self.scoring.extra])
             for s in self.sinks:
                 s.attach(engine)
             stopped = asyncio.Event()
@@ -259,7 +267,7 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     if opts.max_latency_s is not None and not (opts.max_latency_s > 0 and math.isfinite(opts.max_latency_s)):
         raise ConfigError(f"--max-latency must be a positive number of seconds (got {opts.max_latency_s:g})")
     sources = sources if sources is not None else open_sources(opts)
-    rules = parse_alerts(opts.alerts)
+    rules = parse_alerts(opts.alerts, opts.scoring)
     where = listen_addresses(opts.feed, opts.ingest.listen)
     endpoints = open_endpoints(opts)
     if endpoints is not None:
@@ -276,8 +284,9 @@ def build_monitor(opts: MonitorOptions, sinks: Sequence[Sink] = (), *, notify: N
     broker = _publish_address(opts)
     scoring = scoring or load_scorer(opts.scoring, progress=progress, fast=opts.fast)
     mode = scoring.mode
+    names = (*scoring.scorer.names, *(n for x in scoring.extra for n in x.names))
     for rule in rules:
-        check_rule_mode(rule, mode, scoring.scorer.names)
+        check_rule_mode(rule, mode, names)
     bands = Bands.parse(opts.bands, mode)
     monitor = Monitor(opts, sources, scoring, rules, bands)
     if opts.jsonl:

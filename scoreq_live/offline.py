@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from scoreq_live.audio import BLOCK_S, MAX_DURATION_S, AudioError, audio_blocks
-from scoreq_live.core.events import Mode, ScoreEvent
+from scoreq_live.core.events import Mode, ModelScore, ScoreEvent
 from scoreq_live.core.stream import StreamConfig, StreamCore, Window
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.scorer import Scorer
@@ -28,6 +28,7 @@ from scoreq_live.scoring.scorer import Scorer
 if TYPE_CHECKING:
     from scoreq_live.rtp.capture import Flow
     from scoreq_live.rtp.receiver import RtpStream
+    from scoreq_live.scoring.load import ExtraModel
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
@@ -80,6 +81,8 @@ class FileResult:
     # holds one, as a live capture does) and that call's Call-ID ("" for none)
     stream: str | None = None
     call: str = ""
+    # The additional models' windows (--model A --model B), by model: t_start, t_end, scores, speech, ...
+    models: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         key = "mos" if self.mode == "nr" else "distance"
@@ -91,6 +94,8 @@ class FileResult:
             d.update(src=self.src, dst=self.dst, codec=self.codec, net=self.net)
         if self.stream is not None:
             d.update(stream=self.stream, call=self.call)
+        if self.models:
+            d["models"] = self.models
         if self.error:
             d["error"] = self.error
         return d
@@ -100,32 +105,41 @@ SCORE_RUNS = 2  # windows are scored this many full model runs at a time while a
 
 
 def window_results(audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, config: StreamConfig,
-                   name: str = "file") -> list[ScoreEvent]:
-    """Score a signal as the monitor would see it (a whole array, or its blocks in order); return its score events."""
-    return _window_events(audio, scorer, config, name)[0]
+                   name: str = "file", extra: Sequence[ExtraModel] = ()) -> list[ScoreEvent | ModelScore]:
+    """Score a signal as the monitor would see it (a whole array, or its blocks in order); return its events.
+
+    ``score`` events for the first model, ``model_score`` events for each of ``extra``.
+    """
+    return _window_events(audio, scorer, config, name, extra)[0]
 
 
 def _window_events(audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, config: StreamConfig,
-                   name: str) -> tuple[list[ScoreEvent], int]:
-    """The score events of a signal and its length in samples.
+                   name: str, extra: Sequence[ExtraModel] = ()) -> tuple[list[ScoreEvent | ModelScore], int]:
+    """The events of a signal (every model's) and its length in samples.
 
     Blocks are windowed as they come and their windows scored :data:`SCORE_RUNS` full model runs at a time,
     so a long file costs a few blocks and windows of memory, not its length.  The events are those of the
     whole signal fed at once: the stream core sees the same hop-long pieces, and the model the same runs.
     """
-    core = StreamCore(name, config)
-    core.state = scorer.new_state()
-    hop = max(1, config.hop)
+    scorers = [scorer, *(x.scorer for x in extra)]
+    core = StreamCore(name, config, [x.stream for x in extra])
+    for lane, sc in zip(core.lanes, scorers):
+        lane.state = sc.new_state()
+    hop = max(1, min(lane.config.hop for lane in core.lanes))
     runs = max(1, scorer.max_batch) * SCORE_RUNS
-    events: list[ScoreEvent] = []
+    events: list[ScoreEvent | ModelScore] = []
     waiting: list[Window] = []
     held = np.zeros(0, np.float32)  # less than a hop, fed with the next block so pieces start on hops
     total = 0
 
     def score(windows: list[Window]) -> None:
-        named = scorer.score_named([w.audio for w in windows], [core.state] * len(windows))
-        for w, row in zip(windows, named):
-            core.resolve(w, float(row[0]), None, dict(zip(scorer.names, (float(x) for x in row))))
+        for i, sc in enumerate(scorers):
+            mine = [w for w in windows if w.lane == i]
+            if not mine:
+                continue
+            named = sc.score_named([w.audio for w in mine], [core.lanes[i].state] * len(mine))
+            for w, row in zip(mine, named):
+                core.resolve(w, float(row[0]), None, dict(zip(sc.names, (float(x) for x in row))))
         events.extend(core.drain(0.0, 0.0))
 
     if isinstance(audio, np.ndarray):  # a whole signal (a capture's stream) is windowed in blocks too
@@ -148,7 +162,7 @@ def _window_events(audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, con
 
 
 def score_file(path: Path, scorer: Scorer, config: StreamConfig,
-               max_duration_s: float | None = MAX_DURATION_S) -> FileResult:
+               max_duration_s: float | None = MAX_DURATION_S, extra: Sequence[ExtraModel] = ()) -> FileResult:
     """The per-window timeline of a file and its whole-file score (mean of the scored windows).
 
     The file is read and scored block by block; one longer than ``max_duration_s`` (None: no limit) is
@@ -157,22 +171,35 @@ def score_file(path: Path, scorer: Scorer, config: StreamConfig,
     res = FileResult(str(path), scorer.mode)
     blocks = audio_blocks(path, max_duration_s, hint="cut it, or raise --max-duration")
     try:
-        _score_audio(res, blocks, scorer, config, path.stem)
+        _score_audio(res, blocks, scorer, config, path.stem, extra=extra)
     except AudioError as e:
         res.error = str(e)
     return res
 
 
 def _score_audio(res: FileResult, audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, config: StreamConfig,
-                 name: str, net: Callable[[float, float], dict[str, Any]] | None = None) -> None:
+                 name: str, net: Callable[[float, float], dict[str, Any]] | None = None,
+                 extra: Sequence[ExtraModel] = ()) -> None:
     """Fill ``res`` with the windows of ``audio`` (an array or its blocks) and their mean; ``net`` gives each
-    window's network numbers.  Nothing is filled when reading the blocks fails."""
-    events, samples = _window_events(audio, scorer, config, name)
+    window's network numbers.  Nothing is filled when reading the blocks fails.  The additional models'
+    windows go to ``res.models``, their named scores' means to ``res.scores`` with the first model's."""
+    events, samples = _window_events(audio, scorer, config, name, extra)
     res.duration_s = samples / 16000
     key = "mos" if scorer.mode == "nr" else "distance"
     scored: list[float] = []
     named: dict[str, list[float]] = {name: [] for name in scorer.names}
+    for more in extra:
+        res.models[more.name] = []
+        named.update({n: [] for n in more.names})
     for ev in events:
+        if isinstance(ev, ModelScore):
+            res.models[ev.model].append({
+                "t_start": round(ev.t_start, 4), "t_end": round(ev.t_end, 4),
+                "scores": None if ev.scores is None else {k: round(x, 5) for k, x in ev.scores.items()},
+                "speech": round(ev.speech, 3), "level_dbfs": round(ev.level_dbfs, 1), "reason": ev.reason})
+            for k, x in (ev.scores or {}).items():
+                named[k].append(x)
+            continue
         v = ev.value
         row: dict[str, Any] = {"t_start": round(ev.t_start, 4), "t_end": round(ev.t_end, 4),
                                key: None if v is None else round(v, 5), "speech": round(ev.speech, 3),
@@ -193,13 +220,16 @@ def _score_audio(res: FileResult, audio: np.ndarray | Iterable[np.ndarray], scor
 
 
 def score_path(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None,
-               max_duration_s: float | None = MAX_DURATION_S) -> list[FileResult]:
-    """A file's result (``max_duration_s``: see :func:`score_file`), or one result per RTP stream of a capture."""
+               max_duration_s: float | None = MAX_DURATION_S, extra: Sequence[ExtraModel] = ()) -> list[FileResult]:
+    """A file's result (``max_duration_s``: see :func:`score_file`), or one result per RTP stream of a capture.
+
+    ``extra``: more models scoring the same audio, each on its own windows.
+    """
     from scoreq_live.rtp.capture import is_capture
 
     if is_capture(path):
-        return score_capture(path, scorer, config, rtp_port)
-    return [score_file(path, scorer, config, max_duration_s)]
+        return score_capture(path, scorer, config, rtp_port, extra=extra)
+    return [score_file(path, scorer, config, max_duration_s, extra)]
 
 
 @dataclass
@@ -215,7 +245,7 @@ class _Leg:
 
 
 def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: int | None = None,
-                  timeout_s: float | None = None) -> list[FileResult]:
+                  timeout_s: float | None = None, extra: Sequence[ExtraModel] = ()) -> list[FileResult]:
     """One result per RTP stream of a capture (``file`` is ``PATH#<ssrc>``), scored as the monitor would.
 
     Each stream is decoded whole through the RTP receiver, with the capture times as arrival times
@@ -272,7 +302,7 @@ def score_capture(path: Path, scorer: Scorer, config: StreamConfig, rtp_port: in
         if res.src is None:
             res.src, res.dst = format_endpoint(stream.source_addr), ""
         res.net = _stream_net(stream, audio.size / 16000)
-        _score_audio(res, audio, scorer, config, f"{path.stem}-{ssrc:08x}", _window_net(stream))
+        _score_audio(res, audio, scorer, config, f"{path.stem}-{ssrc:08x}", _window_net(stream), extra)
     return results
 
 

@@ -194,7 +194,7 @@ def test_a_rule_on_a_named_score_reads_the_events_scores():
 def test_a_named_score_the_model_does_not_give_is_refused_and_typos_are_not_named_scores():
     rule = parse_rule("dnsmos.sig<3")
     check_rule_mode(rule, "nr", ("mos", "dnsmos.sig"))
-    with pytest.raises(RuleError, match="gives no score 'dnsmos.sig'.*its scores: mos"):
+    with pytest.raises(RuleError, match="no model gives a score 'dnsmos.sig'.*their scores: mos"):
         check_rule_mode(rule, "nr", ("mos",))
     with pytest.raises(RuleError, match="unknown metric 'moss'"):
         parse_rule("moss<3")

@@ -273,3 +273,25 @@ def test_history_page_lists_recorded_calls_and_opens_a_calls_chart(tmp_path):
                                [sip["id"], *(c["id"] for c in listed["calls"] if c["id"] != sip["id"])], ARTIFACTS)
     finally:
         m.stop()
+
+
+def test_a_second_models_scores_show_on_the_stream_card(tmp_path):
+    """``--model distillmos --model OTHER``: the card shows the other model's latest score beside the MOS."""
+    from playwright.sync_api import expect
+
+    from tests.tiny_models import build
+
+    require_browser()
+    other = build(tmp_path / "tiny3s.onnx", kind="mos", fixed=48_000, seed=3)
+    m = Monitor(free_port(), free_port(), inputs=[f"clean={EXAMPLES / 'clean.wav'}"],
+                extra=("--model", "distillmos", "--model", str(other))).start()
+    try:
+        with chromium() as ctx:
+            page = ctx.new_page()
+            page.goto(f"http://127.0.0.1:{m.http_port}/?token={TOKEN}")
+            named = card(page, "clean").locator(".named-scores")
+            expect(named).to_have_text(re.compile(r"^tiny3s\.mos \d\.\d\d$"), timeout=40_000)
+            expect(card(page, "clean").locator(".smoothed-value")).to_have_text(re.compile(r"^\d\.\d\d$"),
+                                                                                timeout=40_000)
+    finally:
+        m.stop()

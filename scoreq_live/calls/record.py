@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from scoreq_live.core.events import (
     ClearedEvent,
     Event,
     Mode,
+    ModelScore,
     ScoreEvent,
     StreamEnded,
     StreamRecord,
@@ -100,6 +101,26 @@ def summarise(values: list[float], t_start: list[float], t_end: list[float], mod
     }
 
 
+def summarise_named(named: dict[str, list[float]]) -> dict[str, dict[str, Any]] | None:
+    """Each named score's summary over the windows that gave it (``stream_record.scores``); None: none."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in named.items():
+        if not values:
+            continue
+        v = np.asarray(values, np.float64)
+        out[name] = {"mean": round(float(v.mean()), 5), "p10": round(float(np.percentile(v, 10)), 5),
+                     "p90": round(float(np.percentile(v, 90)), 5), "min": float(v.min()), "max": float(v.max()),
+                     "windows": int(v.size)}
+    return out or None
+
+
+def _named(scores: Mapping[str, float | None] | None, skip: tuple[str, ...] = ()) -> Iterable[tuple[str, float]]:
+    """A window's named scores as its event serialises them (rounded to 5 digits), finite ones only."""
+    for k, x in (scores or {}).items():
+        if k not in skip and x is not None and math.isfinite(x):
+            yield k, round(float(x), 5)
+
+
 @dataclass
 class _Live:
     """One live stream's tally."""
@@ -112,6 +133,7 @@ class _Live:
     skipped: Counter[str] = field(default_factory=Counter)
     bands: Counter[str] = field(default_factory=Counter)
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # by alert id, in the order raised
+    named: dict[str, list[float]] = field(default_factory=dict)  # every named score beyond the primary one
 
 
 @dataclass
@@ -141,6 +163,11 @@ class Recorder:
     def feed(self, ev: Event) -> Iterable[Event]:
         if isinstance(ev, ScoreEvent):
             self._score(ev)
+        elif isinstance(ev, ModelScore):
+            live = self.live.get(ev.stream)
+            if live is not None:
+                for k, x in _named(ev.scores):
+                    live.named.setdefault(k, []).append(x)
         elif isinstance(ev, StreamStarted):
             self._started(ev)
         elif isinstance(ev, AlertEvent):
@@ -183,6 +210,8 @@ class Recorder:
         if v is None:
             s.skipped[ev.reason or "error"] += 1
             return
+        for k, x in _named(ev.scores, ("mos", "distance")):
+            s.named.setdefault(k, []).append(x)
         s.values.append(v)
         s.t_start.append(ev.t_start)
         s.t_end.append(ev.t_end)
@@ -208,7 +237,8 @@ class Recorder:
             scored=len(s.values), skipped=dict(s.skipped), score=summarise(s.values, s.t_start, s.t_end, st.mode),
             bands=({b: round(s.bands[b] / len(s.values), 4) for b in ("good", "fair", "poor")}
                    if s.values and st.mode in self.bands and self.bands[st.mode].good is not None else None),
-            net=net, alerts=alerts, alert_s=round(sum(a["duration_s"] for a in alerts), 3))
+            net=net, alerts=alerts, alert_s=round(sum(a["duration_s"] for a in alerts), 3),
+            scores=summarise_named(s.named), models=st.models)
         call = s.call
         call.live.discard(ev.stream)
         call.records.append(record)

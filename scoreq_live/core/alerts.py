@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from scoreq_live.core.events import (
     ClearedEvent,
     Event,
     Mode,
+    ModelScore,
     ScoreEvent,
     StreamEnded,
     StreamError,
@@ -58,7 +60,8 @@ METRICS = {
     "jitter_ms": "jitter_ms",
 }
 NET_METRICS = frozenset({"loss_pct", "jitter_ms"})
-# A model's other named scores (score events' ``scores``) are named MODEL.SCORE, e.g. ``dnsmos.bak``.
+# A model's other named scores (``scores`` of score and model_score events) are named MODEL.SCORE, e.g.
+# ``dnsmos.bak``, or MODEL for a model's one score named after it (``plcmos``: see parse_rule's ``models``).
 NAMED_SCORE = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+$")
 # Default dead band, in the metric's unit: a tenth of a MOS point, 3 dB, 5 % speech, half a point of loss.
 _ABS_MARGIN = {"mos": 0.1, "speech": 0.05, "level_dbfs": 3.0, "loss_pct": 0.5}
@@ -110,8 +113,10 @@ class AlertRule:
             return _ABS_MARGIN[metric]
         return abs(self.threshold) * _REL_MARGIN
 
-    def value(self, ev: ScoreEvent) -> float | None:
-        if self.metric in NET_METRICS:  # no net (not a packet stream): no evidence either way
+    def value(self, ev: ScoreEvent | ModelScore) -> float | None:
+        if isinstance(ev, ModelScore):  # an additional model's window: evidence for its named scores only
+            v = ev.score(self.metric)
+        elif self.metric in NET_METRICS:  # no net (not a packet stream): no evidence either way
             v = None if ev.net is None else getattr(ev.net, self.metric)
         elif self.metric not in METRICS:  # a named score (parse_rule let only those through)
             v = ev.score(self.metric)
@@ -127,13 +132,15 @@ class AlertRule:
         return v >= self.threshold + margin if self.op == "<" else v <= self.threshold - margin
 
 
-def parse_rule(text: str) -> AlertRule:
+def parse_rule(text: str, models: Collection[str] = ()) -> AlertRule:
     """Parse ``METRIC OP THRESHOLD [for DURATION] [hysteresis MARGIN]``.
 
     ``METRIC``: mos, distance, smoothed, speech (0-1), level_dbfs (or level),
     latency_ms (or latency), loss_pct (or loss), jitter_ms (or jitter), or a
     model's named score ``MODEL.SCORE`` (score events' ``scores``; checked
-    against the model by :func:`check_rule_mode`).  ``OP``: ``<`` or ``>``.
+    against the model by :func:`check_rule_mode`), or ``MODEL`` alone for one
+    of ``models`` (the additional models asked for: a model's one score named
+    after it).  ``OP``: ``<`` or ``>``.
     ``DURATION``: seconds, with an optional unit ``ms``, ``s``, ``m``/``min``.
     """
     m = _RULE.match(text)
@@ -141,7 +148,7 @@ def parse_rule(text: str) -> AlertRule:
         raise RuleError(f"cannot read alert rule {text!r}: expected e.g. 'mos<3.0 for 10s' or "
                         "'distance>0.6 for 5s' (METRIC OP NUMBER [for DURATION] [hysteresis MARGIN])")
     name = m["metric"].lower()
-    if name not in METRICS and not NAMED_SCORE.match(name):
+    if name not in METRICS and not NAMED_SCORE.match(name) and name not in models:
         raise RuleError(f"alert rule {text!r}: unknown metric {name!r}; one of "
                         + ", ".join(sorted(set(METRICS))) + ", or a model's named score (MODEL.SCORE)")
     metric = METRICS.get(name, name)
@@ -159,8 +166,8 @@ def check_rule_mode(rule: AlertRule, mode: Mode, names: tuple[str, ...] | None =
     ``mos`` in ref mode, ``distance`` in nr; with ``names`` (the model's named
     scores), a named score the model does not give.
     """
-    if names is not None and NAMED_SCORE.match(rule.metric) and rule.metric not in names:
-        raise RuleError(f"alert rule {rule.text!r}: the model gives no score {rule.metric!r} (its scores: "
+    if names is not None and rule.metric not in METRICS.values() and rule.metric not in names:
+        raise RuleError(f"alert rule {rule.text!r}: no model gives a score {rule.metric!r} (their scores: "
                         + ", ".join(names) + ")")
     if rule.metric == "mos" and mode != "nr":
         raise RuleError(f"alert rule {rule.text!r}: mode {mode} gives distances, not a MOS; use 'distance' "
@@ -194,7 +201,7 @@ class AlertEvaluator:
         return [(s, self.rules[i]) for (s, i), st in self._state.items() if st.active]
 
     def feed(self, ev: Event) -> list[AlertChange]:
-        if isinstance(ev, ScoreEvent):
+        if isinstance(ev, (ScoreEvent, ModelScore)):
             return self._score(ev)
         if isinstance(ev, (StreamEnded, StreamError)):
             return self._end(ev)
@@ -209,7 +216,7 @@ class AlertEvaluator:
                 "threshold": rule.threshold, "for_s": rule.for_s, "value": value, "t": t,
                 "id": f"{ev.stream}:{rule.text}"}
 
-    def _score(self, ev: ScoreEvent) -> list[AlertChange]:
+    def _score(self, ev: ScoreEvent | ModelScore) -> list[AlertChange]:
         out: list[AlertChange] = []
         t = ev.t_end
         for i, rule in enumerate(self.rules):
@@ -218,7 +225,7 @@ class AlertEvaluator:
                 continue  # unscored window: no evidence either way
             st = self._state.setdefault((ev.stream, i), _State())
             st.last_value, st.last_t = v, t
-            margin = rule.margin(ev.mode)
+            margin = rule.margin(ev.mode if isinstance(ev, ScoreEvent) else "nr")
             holds, clear = rule.holds(v), rule.clearly_not(v, margin)
             if not st.active:
                 if holds:

@@ -169,6 +169,53 @@ class ScoreEvent(Event):
 
 
 @dataclass
+class ModelScore(Event):
+    """The named scores of one window of a stream's additional model (``--model A --model B``: B's and later's).
+
+    A stream scored by several models sends its first model's results as
+    ``score`` events (``mos``/``distance`` are always that model's) and every
+    other model's as ``model_score`` events, each model on its own windows
+    (``window``, ``t_start``, ``t_end``: that model's window and hop).
+    ``scores`` are named ``MODEL.SCORE`` (``dnsmos.bak``), or ``MODEL`` for a
+    model that gives one score named after itself (``plcmos``); None when the
+    window was not scored, and ``reason`` says why.  ``smoothed`` holds each
+    score smoothed over that model's windows as ``score`` events smooth theirs.
+    """
+
+    type: ClassVar[str] = "model_score"
+    model: str = ""
+    window: int = 0
+    t_start: float = 0.0
+    t_end: float = 0.0
+    scores: dict[str, float] | None = None
+    smoothed: dict[str, float] | None = None
+    speech: float = 0.0
+    level_dbfs: float = -120.0
+    latency_ms: float = 0.0
+    reason: SkipReason | None = None
+
+    def score(self, name: str) -> float | None:
+        """A named score of this window (``None``: not scored, or the model gives no such score)."""
+        return None if self.scores is None else self.scores.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION, "type": self.type, "stream": self.stream, "ts": round(self.ts, 3),
+            "model": self.model, "window": self.window, "t_start": round(self.t_start, 4),
+            "t_end": round(self.t_end, 4),
+            "scores": None if self.scores is None else {k: _round(v, 5) for k, v in self.scores.items()},
+            "smoothed": None if self.smoothed is None else {k: _round(v, 5) for k, v in self.smoothed.items()},
+            "speech": round(self.speech, 3), "level_dbfs": round(self.level_dbfs, 1),
+            "latency_ms": round(self.latency_ms, 1), "reason": self.reason,
+        }
+
+
+def qualified(model: str, name: str) -> str:
+    """The name an additional model's score goes by: ``MODEL.SCORE``, or ``MODEL`` for a score named after it."""
+    return model if name == model else f"{model}.{name}"
+
+
+@dataclass
 class StreamStarted(Event):
     type: ClassVar[str] = "stream_started"
     source: str = ""  # kind of input: file, mic, ...
@@ -186,6 +233,15 @@ class StreamStarted(Event):
     call: str = ""
     # What the input knows of who is on the stream: ssrc, remote/local addresses, callSid, track, name, ...
     meta: dict[str, str] | None = None
+    # The stream's additional models (``--model A --model B``), each {"model", "window_s", "hop_s", "scores"
+    # (its qualified score names)}; None when one model scores the stream.
+    models: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.models is None:
+            del d["models"]
+        return d
 
 
 @dataclass
@@ -376,7 +432,10 @@ class StreamRecord(Event):
     ``skipped``: unscored windows by reason.  ``net``: the input's whole-stream network numbers
     (``stream_ended.net``), None for audio inputs.  ``alerts``: each alert raised on it, with
     ``t_raised``/``t_cleared`` (stream time) and ``duration_s``; ``alert_s`` their total.
-    ``monitor``: set by a feed relay to the monitor it came from.
+    ``monitor``: set by a feed relay to the monitor it came from.  ``scores``: every named score beyond
+    the primary one (the first model's others, and every additional model's: ``dnsmos.bak``), each
+    summarised over the windows that gave it (``mean``, ``p10``, ``p90``, ``min``, ``max``, ``windows``);
+    ``models``: the additional models as ``stream_started.models`` lists them.  Both None when there are none.
     """
 
     type: ClassVar[str] = "stream_record"
@@ -403,6 +462,15 @@ class StreamRecord(Event):
     net: dict[str, Any] | None = None
     alerts: list[dict[str, Any]] | None = None
     alert_s: float = 0.0
+    scores: dict[str, dict[str, Any]] | None = None
+    models: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        for key in ("scores", "models"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 @dataclass
@@ -463,11 +531,13 @@ def event_from_dict(d: dict[str, Any]) -> Event:
         raise ValueError(f"a {kind} event needs 'stream' (text) and 'ts' (a number)")
     names = {f.name for f in fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names}
-    if cls is ScoreEvent and "scores" in kwargs and not (
-            isinstance(kwargs["scores"], dict)
-            and all(isinstance(k, str) and (v is None or isinstance(v, (int, float)))
-                    for k, v in kwargs["scores"].items())):
-        del kwargs["scores"]  # not named numbers: dropped, as an unknown key would be
+    named_keys: tuple[str, ...] = {ScoreEvent: ("scores",), ModelScore: ("scores", "smoothed")}.get(cls, ())
+    for key in named_keys:
+        if key in kwargs and kwargs[key] is not None and not (
+                isinstance(kwargs[key], dict)
+                and all(isinstance(k, str) and (v is None or isinstance(v, (int, float)))
+                        for k, v in kwargs[key].items())):
+            del kwargs[key]  # not named numbers: dropped, as an unknown key would be
     if cls is ScoreEvent and isinstance(kwargs.get("net"), dict):
         kwargs["net"] = NetQuality(**{k: v for k, v in kwargs["net"].items()
                                       if k in {f.name for f in fields(NetQuality)}})

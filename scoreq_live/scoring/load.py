@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from scoreq_live.core.events import Mode
+from scoreq_live.core.events import Mode, qualified
 from scoreq_live.core.stream import StreamConfig
 from scoreq_live.errors import ConfigError, ScoreqLiveError
 from scoreq_live.files import special_kind
@@ -38,6 +38,9 @@ class ScoringOptions:
     """The model, its mode and reference, and how audio is windowed, gated and smoothed."""
 
     model: str | None = None  # catalogue name or ONNX path; None: the bundled default for the mode
+    # More models scoring every stream (--model A --model B: B, ...), each on its own native window and hop, on
+    # this machine; their named scores arrive in model_score events.  Each predicts its scores alone (mode nr).
+    extra_models: Sequence[str] = ()
     model_spec: str | None = None  # TOML contract for an ONNX file
     model_kind: Literal["mos", "embedding"] | None = None
     mode: Mode | None = None  # None: what the model does
@@ -73,6 +76,23 @@ def backend_timeout(opts: ScoringOptions, hop_s: float, fast: bool = False) -> f
     return 30.0 if fast else max(1.0, 2.0 * hop_s)
 
 
+@dataclass(frozen=True)
+class ExtraModel:
+    """An additional model that scores every stream: its scorer and its own windowing."""
+
+    scorer: Scorer
+    stream: StreamConfig
+
+    @property
+    def name(self) -> str:
+        return self.stream.model
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Its scores as events name them (``MODEL.SCORE``, or ``MODEL`` for a score named after the model)."""
+        return tuple(qualified(self.name, n) for n in self.scorer.names)
+
+
 @dataclass
 class LoadedScorer:
     """A model session ready to score, with the stream settings that go with it.
@@ -87,6 +107,7 @@ class LoadedScorer:
     stream: StreamConfig
     model: OnnxModel | TritonModel
     fallback: Scorer | None = None
+    extra: Sequence[ExtraModel] = ()  # the additional models, in the order given
 
     @property
     def mode(self) -> Mode:
@@ -156,13 +177,50 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None, fast: bo
             except ScoreqLiveError as e:
                 raise ConfigError(f"cannot build the reference: {e}") from e
         reference = combine(parts, spec.name)
+    extra = load_extra(opts, config, progress)
     if isinstance(model, TritonModel):
-        return _remote_scorer(model, local, reference, config, opts)
+        loaded = _remote_scorer(model, local, reference, config, opts)
+        loaded.extra = extra
+        return loaded
     # Batch sizes measured on this machine (or --max-batch), every shape warmed before the first live window.
     plan = plan_for(model, spec.padded_length(round(config.window_s * spec.sample_rate)),
                     opts.max_batch or MAX_BATCH, given=opts.max_batch)
     log.info("%s", plan.describe())
-    return LoadedScorer(Scorer(model, reference, plan=plan), config, model)
+    return LoadedScorer(Scorer(model, reference, plan=plan), config, model, extra=extra)
+
+
+def load_extra(opts: ScoringOptions, first: StreamConfig, progress: Progress | None = None) -> list[ExtraModel]:
+    """The additional models (``opts.extra_models``), each opened on this machine with its own window and hop.
+
+    Each takes the first model's gate and smoothing settings and its model's
+    default window and hop (``--window``/``--hop`` are the first model's).  A
+    model that needs a reference, or one named twice, is refused.
+    """
+    from scoreq_live.scoring.batching import plan_for
+    from scoreq_live.scoring.catalogue import resolve_model
+    from scoreq_live.scoring.session import OnnxModel
+
+    out: list[ExtraModel] = []
+    seen = {first.model}
+    for name in opts.extra_models:
+        spec = resolve_model(name, None, None, None, progress=progress)
+        if spec.mode != "nr":
+            raise ConfigError(f"--model {name}: an additional model must score windows by itself (mode nr); "
+                              f"{spec.name!r} outputs embeddings and needs a reference")
+        if spec.name in seen:
+            raise ConfigError(f"--model {name}: model {spec.name!r} is given twice")
+        seen.add(spec.name)
+        model = OnnxModel(spec, device=opts.device, threads=opts.threads)
+        spec = model.spec
+        window_s, hop_s = spec.windowing()
+        config = StreamConfig(window_s=window_s, hop_s=hop_s, min_speech=opts.min_speech,
+                              vad_aggressiveness=opts.vad, smoothing=opts.smoothing,
+                              smoothing_s=opts.smoothing_s, model=spec.name, mode="nr")
+        plan = plan_for(model, spec.padded_length(round(window_s * spec.sample_rate)),
+                        opts.max_batch or MAX_BATCH, given=opts.max_batch)
+        log.info("%s: %s", spec.name, plan.describe())
+        out.append(ExtraModel(Scorer(model, plan=plan), config))
+    return out
 
 
 def _remote_model(spec: ModelSpec, opts: ScoringOptions, fast: bool) -> tuple[TritonModel, OnnxModel | None]:

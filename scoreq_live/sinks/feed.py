@@ -29,6 +29,7 @@ from scoreq_live.core.events import (
     Event,
     InputDropped,
     Mode,
+    ModelScore,
     ScoreEvent,
     StreamEnded,
     StreamError,
@@ -267,7 +268,7 @@ class FeedHub:
         state = state_after(ev)
         if state is not None:
             s.state, s.ended_at = state, (None if state == "live" else now)
-        if isinstance(ev, ScoreEvent):
+        if isinstance(ev, (ScoreEvent, ModelScore)):
             self._keep(s, seq, ev.t_end, frame)
         elif isinstance(ev, AlertEvent):
             self.alerts[ev.id] = ev.to_dict()

@@ -27,6 +27,7 @@ from scoreq_live.core.events import (
     ClearedEvent,
     Event,
     InputDropped,
+    ModelScore,
     OutputStatus,
     ScoreEvent,
     StreamError,
@@ -186,6 +187,16 @@ class MetricsSink(Sink):
 
     # -- events ---------------------------------------------------------------------
 
+    def _named(self, stream: str, scores: dict[str, float] | None) -> None:
+        """Set a window's named scores (``scoreq_live_score``), remembering the series to drop with the stream."""
+        if scores is None:
+            return
+        names = self._scores.setdefault(stream, set())
+        for name, v in scores.items():
+            if v is not None:
+                self.score.labels(stream, name).set(v)
+                names.add(name)
+
     def update(self, ev: Event) -> None:
         """Fold one event into the metrics."""
         s = ev.stream
@@ -206,12 +217,7 @@ class MetricsSink(Sink):
                                                                                    self.distance_smoothed)
             if ev.value is not None:
                 value.labels(s).set(ev.value)
-            if ev.scores is not None:
-                names = self._scores.setdefault(s, set())
-                for name, v in ev.scores.items():
-                    if v is not None:
-                        self.score.labels(s, name).set(v)
-                        names.add(name)
+            self._named(s, ev.scores)
             if ev.smoothed is not None:
                 smoothed.labels(s).set(ev.smoothed)
             self.speech.labels(s).set(ev.speech)
@@ -222,6 +228,8 @@ class MetricsSink(Sink):
                 self.jitter.labels(s).set(ev.net.jitter_ms / 1000.0)
                 self.r_factor.labels(s).set(ev.net.r_factor)
                 self.mos_cq.labels(s).set(ev.net.mos_cq)
+        elif isinstance(ev, ModelScore):  # an additional model's window: its named scores
+            self._named(s, ev.scores)
         elif isinstance(ev, AlertEvent):
             self.alert_active.labels(s, ev.rule).set(1)
             self._alerts.add((s, ev.rule))

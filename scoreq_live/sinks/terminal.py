@@ -26,6 +26,7 @@ from scoreq_live.core.events import (
     Event,
     InputDropped,
     Mode,
+    ModelScore,
     OutputStatus,
     ScoreEvent,
     StreamError,
@@ -121,7 +122,7 @@ class PanelState:
             else:
                 r.value, r.reason = ev.value, ev.reason
             if ev.scores is not None:
-                r.extra = {k: v for k, v in ev.scores.items() if k not in ("mos", "distance") and v is not None}
+                r.extra.update({k: v for k, v in ev.scores.items() if k not in ("mos", "distance") and v is not None})
             r.smoothed = ev.smoothed
             r.speech, r.level_dbfs, r.t = ev.speech, ev.level_dbfs, ev.t_end
             if ev.net is not None:
@@ -129,6 +130,9 @@ class PanelState:
             r.history.append((ev.t_end, ev.value))
             while r.history and r.history[0][0] < ev.t_end - HISTORY_S:
                 r.history.popleft()
+        elif isinstance(ev, ModelScore):
+            if ev.scores is not None:  # an additional model's latest scored window
+                r.extra.update({k: v for k, v in ev.scores.items() if v is not None})
         elif isinstance(ev, StreamError):
             r.error = ev.error
         elif isinstance(ev, InputDropped):

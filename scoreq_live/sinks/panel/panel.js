@@ -310,20 +310,29 @@
     s.level = num(ev.level_dbfs);
     s.latency = num(ev.latency_ms);
     s.net = ev.net && typeof ev.net === "object" ? ev.net : null;
-    if (ev.scores && typeof ev.scores === "object") s.named = otherScores(ev.scores);
+    if (ev.scores && typeof ev.scores === "object") s.named = otherScores(ev.scores, s.named);
     s.t = t;
     if (s.state === "starting") s.state = "live";
     touch(s, true);
   }
 
-  /** Named scores beyond the primary one, as [name, value] pairs (null when there are none). */
-  function otherScores(scores) {
-    const out = [];
+  /** Named scores beyond the primary one, merged into the stream's latest: [name, value] pairs (null: none). */
+  function otherScores(scores, named) {
+    const out = new Map(named || []);
     for (const [k, v] of Object.entries(scores)) {
       const x = num(v);
-      if (k !== "mos" && k !== "distance" && x != null) out.push([k, x]);
+      if (k !== "mos" && k !== "distance" && x != null) out.set(k, x);
     }
-    return out.length ? out : null;
+    return out.size ? [...out] : null;
+  }
+
+  /** An additional model's window (`model_score`): its named scores join the stream's latest. */
+  function onModelScore(ev) {
+    const s = stream(ev.stream);
+    if (ev.scores && typeof ev.scores === "object") {
+      s.named = otherScores(ev.scores, s.named);
+      touch(s, false);
+    }
   }
 
   function onStreamStarted(ev) {
@@ -444,6 +453,7 @@
       case "hello": onHello(msg); break;
       case "history_end": endReplay(); break;
       case "score": onScore(msg); break;
+      case "model_score": onModelScore(msg); break;
       case "stream_started": onStreamStarted(msg); break;
       case "stream_ended": onStreamEnded(msg); break;
       case "stream_error": onStreamError(msg); break;
