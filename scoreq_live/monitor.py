@@ -185,7 +185,7 @@ def parse_alerts(rules: Sequence[str], scoring: ScoringOptions | None = None) ->
     """
     from pathlib import Path
 
-    models = {Path(m).stem if m.endswith(".onnx") else m for m in (scoring.extra_models if scoring else ())}
+    models = {Path(m).stem if m.endswith((".onnx", ".toml")) else m for m in (scoring.extra_models if scoring else ())}
     return [parse_rule(r, models) for r in rules]
 
 

@@ -204,3 +204,45 @@ def test_a_bare_model_name_is_a_metric_only_for_a_model_asked_for():
     rule = parse_rule("plcmos<3", {"plcmos"})
     assert rule.value(ModelScore(stream="a", ts=0.0, model="plcmos", scores={"plcmos": 2.5})) == 2.5
     assert rule.value(ScoreEvent(stream="a", ts=0.0, mos=2.5, scores={"mos": 2.5})) is None
+
+
+@pytest.fixture(scope="module")
+def diag_spec(tmp_path_factory):
+    """A model of kind ``scores``: three named scores per window, the primary one named in its spec."""
+    folder = tmp_path_factory.mktemp("diag")
+    build(folder / "diag.onnx", kind="scores", n_scores=3, seed=5, output_name="scores")
+    spec = folder / "diag.toml"
+    spec.write_text('name = "diag"\nfile = "diag.onnx"\nkind = "scores"\nscores = ["sig", "bak", "ovrl"]\n'
+                    'primary = "ovrl"\nnative_window_s = 3.0\npad_multiple = 320\nhop_s = 1.5\n')
+    return spec
+
+
+def test_a_model_with_several_named_scores_as_first_and_as_additional_model(diag_spec):
+    from scoreq_live.scoring.load import ScoringOptions, load_scorer
+    from scoreq_live.scoring.spec import load_spec_file
+
+    spec = load_spec_file(diag_spec)
+    raw = OnnxModel(spec, device="cpu")
+    x = [np.random.default_rng(1).standard_normal(48_000).astype(np.float32) * 0.1]
+    cols = raw.run(x[0][None, :])[0]
+
+    first = load_scorer(ScoringOptions(model_spec=str(diag_spec)))
+    assert first.scorer.names == ("diag.ovrl", "diag.sig", "diag.bak") and first.mode == "nr"
+    named = first.scorer.score_named(x)[0]
+    assert np.allclose(named, cols[[2, 0, 1]], atol=1e-6)  # the primary (ovrl) first, then the others
+
+    both = load_scorer(ScoringOptions(model="distillmos", extra_models=(str(diag_spec),), max_batch=1))
+    extra = both.extra[0]
+    assert extra.names == ("diag.ovrl", "diag.sig", "diag.bak")
+    assert (extra.stream.window_s, extra.stream.hop_s) == (3.0, 1.5)
+    evs = window_events_of(both)
+    got = [e for e in evs if isinstance(e, ModelScore) and e.scores]
+    assert got and all(set(e.scores) == {"diag.ovrl", "diag.sig", "diag.bak"} for e in got)
+    assert {round(b.t_start - a.t_start, 6) for a, b in zip(got, got[1:])} <= {1.5, 3.0, 4.5}
+
+
+def window_events_of(loaded):
+    from scoreq_live.offline import window_results
+    from tests.helpers import speech_16k
+
+    return window_results(speech_16k(FILES["ref"]), loaded.scorer, loaded.stream, "ref", loaded.extra)

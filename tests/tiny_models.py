@@ -3,8 +3,8 @@
 They are for fast engine and contract tests only: never instead of the real
 bundled model where a score must mean something.  The graph frames the input
 like wav2vec 2.0's first layer (a strided convolution over 320-sample hops),
-mean-pools over time and maps the pooled feature to a MOS or an L2-normalised
-embedding, so padding and batching behave as in the real models.
+mean-pools over time and maps the pooled feature to a MOS (or ``n_scores``
+scores in 1-5, kind ``scores``) or an L2-normalised embedding, so padding and batching behave as in the real models.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def build(path: Path, kind: str = "mos", dim: int = 16, fixed: int | None = None, seed: int = 0,
-          input_name: str = "audio_input", output_name: str = "mos_output", rank3: bool = False) -> Path:
+          input_name: str = "audio_input", output_name: str = "mos_output", rank3: bool = False,
+          n_scores: int = 3) -> Path:
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((dim, 1, 320)) / np.sqrt(320)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "conv_w"),
@@ -28,8 +29,9 @@ def build(path: Path, kind: str = "mos", dim: int = 16, fixed: int | None = None
         helper.make_node("Abs", ["feat"], ["afeat"]),
         helper.make_node("ReduceMean", ["afeat"], ["pooled"], axes=[2], keepdims=0),
     ]
-    if kind == "mos":
-        head = (rng.standard_normal((dim, 1)) * 4).astype(np.float32)
+    if kind in ("mos", "scores"):
+        out_dim = 1 if kind == "mos" else n_scores
+        head = (rng.standard_normal((dim, out_dim)) * 4).astype(np.float32)
         inits += [numpy_helper.from_array(head, "head"),
                   numpy_helper.from_array(np.array([4.0], np.float32), "four"),
                   numpy_helper.from_array(np.array([1.0], np.float32), "onef")]
@@ -37,7 +39,6 @@ def build(path: Path, kind: str = "mos", dim: int = 16, fixed: int | None = None
                   helper.make_node("Sigmoid", ["logit"], ["sig"]),
                   helper.make_node("Mul", ["sig", "four"], ["scaled"]),
                   helper.make_node("Add", ["scaled", "onef"], [output_name])]
-        out_dim = 1
     else:
         nodes += [helper.make_node("LpNormalization", ["pooled"], [output_name], axis=1, p=2)]
         out_dim = dim

@@ -211,8 +211,11 @@ class ModelScore(Event):
 
 
 def qualified(model: str, name: str) -> str:
-    """The name an additional model's score goes by: ``MODEL.SCORE``, or ``MODEL`` for a score named after it."""
-    return model if name == model else f"{model}.{name}"
+    """The name an additional model's score goes by: ``MODEL.SCORE``, or ``MODEL`` for a score named after it.
+
+    A name that is qualified already (a multi-score model names its own: ``dnsmos.sig``) is kept.
+    """
+    return name if name == model or "." in name else f"{model}.{name}"
 
 
 @dataclass

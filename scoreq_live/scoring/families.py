@@ -146,7 +146,33 @@ class EmbeddingFamily(Family):
         return self.reference.distance(raw).astype(np.float64)[:, None]
 
 
-FAMILIES: dict[str, type[Family]] = {MosFamily.key: MosFamily, EmbeddingFamily.key: EmbeddingFamily}
+class ScoresFamily(Family):
+    """A model that gives several named scores per window, ``[B, N]`` (DNSMOS: SIG, BAK, OVRL, P.808).
+
+    The spec names the columns (``scores``) and the primary one (``primary``,
+    the events' ``mos``), which comes first in :attr:`names`.  A name without
+    a dot, other than the model's own, is qualified as ``MODEL.NAME``.
+    """
+
+    key = "scores"
+
+    @property
+    def _order(self) -> list[int]:
+        cols = list(self.spec.scores)
+        first = cols.index(self.spec.primary) if self.spec.primary is not None else 0
+        return [first, *(i for i in range(len(cols)) if i != first)]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        name = self.spec.name
+        return tuple(n if "." in n or n == name else f"{name}.{n}" for n in (self.spec.scores[i] for i in self._order))
+
+    def named(self, raw: np.ndarray) -> np.ndarray:
+        return raw[:, self._order].astype(np.float64)
+
+
+FAMILIES: dict[str, type[Family]] = {MosFamily.key: MosFamily, EmbeddingFamily.key: EmbeddingFamily,
+                                     ScoresFamily.key: ScoresFamily}
 """Every model family, by the name a model spec's ``family`` gives."""
 
 

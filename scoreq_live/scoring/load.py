@@ -203,7 +203,10 @@ def load_extra(opts: ScoringOptions, first: StreamConfig, progress: Progress | N
     out: list[ExtraModel] = []
     seen = {first.model}
     for name in opts.extra_models:
-        spec = resolve_model(name, None, None, None, progress=progress)
+        if name.endswith(".toml"):  # a model contract (its file named inside)
+            spec = resolve_model(None, name, None, None, progress=progress)
+        else:
+            spec = resolve_model(name, None, None, None, progress=progress)
         if spec.mode != "nr":
             raise ConfigError(f"--model {name}: an additional model must score windows by itself (mode nr); "
                               f"{spec.name!r} outputs embeddings and needs a reference")

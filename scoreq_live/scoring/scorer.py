@@ -84,8 +84,8 @@ class Scorer:
         self.spec = model.spec
         if self.spec.kind == "embedding" and reference is None:
             raise ValueError(f"model {self.spec.name!r} outputs embeddings: ref mode needs a reference")
-        if self.spec.kind == "mos" and reference is not None:
-            raise ValueError(f"model {self.spec.name!r} predicts a MOS: it cannot score against a reference")
+        if self.spec.kind != "embedding" and reference is not None:
+            raise ValueError(f"model {self.spec.name!r} predicts scores: it cannot score against a reference")
         if reference is not None and reference.model != self.spec.name:
             raise ValueError(
                 f"reference was embedded with {reference.model!r}, not {self.spec.name!r}"

@@ -1,7 +1,8 @@
 """The model contract: what scoreq-live needs to know to run an ONNX file.
 
 A model takes ``[batch, samples]`` float32 audio at 16 kHz and returns one
-output: ``[batch, 1]`` (kind ``mos``) or ``[batch, D]`` (kind ``embedding``).
+output: ``[batch, 1]`` (kind ``mos``), ``[batch, D]`` (kind ``embedding``) or
+``[batch, N]`` named scores (kind ``scores``: the spec names the N columns).
 The input length is either fixed (the window is zero-padded to it) or
 variable (the window is zero-padded at the end to a multiple of
 ``pad_multiple``).  Any file that fits runs; one that does not is refused with
@@ -25,8 +26,8 @@ else:  # pragma: no cover
 
 __all__ = ["DEVICES", "KINDS", "Device", "Kind", "Mode", "ModelError", "ModelSpec", "load_spec_file"]
 
-Kind = Literal["mos", "embedding"]
-"""What a model outputs: a MOS per window, or an embedding per window."""
+Kind = Literal["mos", "embedding", "scores"]
+"""What a model outputs: a MOS per window, an embedding per window, or several named scores per window."""
 Device = Literal["auto", "cpu", "cuda"]
 """Where a model runs (``auto``: CUDA when onnxruntime has a usable CUDA provider, else the CPU)."""
 # Mode ("nr" | "ref": the scoring mode a model serves) is defined with the events and re-exported here.
@@ -60,6 +61,10 @@ class ModelSpec:
     output_dim: int | None = None  # D of a [batch, D] output, when the contract fixes it
     l2_normalised: bool = False  # embeddings have unit Euclidean norm (SCOREQ's ref models)
     family: str | None = None  # how inputs and named scores are made (scoring/families.py); None: by kind
+    # Kind "scores": the names of the output's columns, in order (MODEL.SCORE, or MODEL for a model's one score),
+    # and which of them is the primary score (the events' mos; None: the first).
+    scores: tuple[str, ...] = ()
+    primary: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,13 +73,20 @@ class ModelSpec:
             raise ModelError(f"model {self.name!r}: only 16 kHz models are supported")
         if self.pad_multiple < 1:
             raise ModelError(f"model {self.name!r}: pad_multiple must be >= 1")
-        if self.output_dim is not None and (self.output_dim < 1 or (self.kind == "mos") != (self.output_dim == 1)):
+        if self.kind == "scores":
+            if not self.scores or len(set(self.scores)) != len(self.scores):
+                raise ModelError(f"model {self.name!r}: kind 'scores' needs 'scores', the output columns' names")
+            if self.primary is not None and self.primary not in self.scores:
+                raise ModelError(f"model {self.name!r}: primary {self.primary!r} is not one of {list(self.scores)}")
+            if self.output_dim is not None and self.output_dim != len(self.scores):
+                raise ModelError(f"model {self.name!r}: output_dim {self.output_dim} but {len(self.scores)} scores")
+        elif self.output_dim is not None and (self.output_dim < 1 or (self.kind == "mos") != (self.output_dim == 1)):
             raise ModelError(f"model {self.name!r}: output_dim {self.output_dim} does not fit kind {self.kind!r}")
 
     @property
     def mode(self) -> Mode:
         """The scoring mode this model serves: nr (MOS) or ref (embedding distance)."""
-        return "nr" if self.kind == "mos" else "ref"
+        return "ref" if self.kind == "embedding" else "nr"
 
     @property
     def default_window_s(self) -> float:
@@ -129,6 +141,8 @@ def load_spec_file(path: str | Path, model_file: str | Path | None = None) -> Mo
     else:
         raise ModelError(f"model spec {path}: no 'file' and no --model PATH given")
     data.setdefault("name", Path(data["file"]).stem)
+    if isinstance(data.get("scores"), list):
+        data["scores"] = tuple(data["scores"])
     data.pop("bundled", None)
     try:
         return ModelSpec(**data)
@@ -192,10 +206,12 @@ def check_contract(spec: ModelSpec, inputs: list[TensorInfo], outputs: list[Tens
         raise ModelError(f"{where}: a 'mos' model must output [batch, 1], {out.name!r} is [batch, {dim}]")
     if spec.kind == "embedding" and dim == 1:
         raise ModelError(f"{where}: an 'embedding' model must output [batch, D>1], {out.name!r} is [batch, 1]")
+    if spec.kind == "scores" and dim not in (None, len(spec.scores)):
+        raise ModelError(f"{where}: the spec names {len(spec.scores)} scores, {out.name!r} is [batch, {dim}]")
     fixed = _dim(inp.shape[1])
     if spec.input_samples and fixed and fixed != spec.input_samples:
         raise ModelError(f"{where}: spec says {spec.input_samples} input samples, {holder} takes {fixed}")
     spec = replace(spec, input_name=inp.name, output_name=out.name, input_samples=spec.input_samples or fixed)
     if fixed and spec.native_window_s * spec.sample_rate > fixed:
         spec = replace(spec, native_window_s=fixed / spec.sample_rate)
-    return spec, (1 if spec.kind == "mos" else dim)
+    return spec, (1 if spec.kind == "mos" else len(spec.scores) if spec.kind == "scores" else dim)
