@@ -293,5 +293,11 @@ def test_a_second_models_scores_show_on_the_stream_card(tmp_path):
             expect(named).to_have_text(re.compile(r"^tiny3s\.mos \d\.\d\d$"), timeout=40_000)
             expect(card(page, "clean").locator(".smoothed-value")).to_have_text(re.compile(r"^\d\.\d\d$"),
                                                                                 timeout=40_000)
+            # Scores on a 1-5 scale also get a bar, as long as the score is above 1.
+            bar = card(page, "clean").locator('.diag-meter[data-score="tiny3s.mos"]')
+            expect(bar.locator(".meter-label")).to_have_text("mos")
+            value = float(bar.locator(".meter-value").inner_text())
+            width = bar.locator(".meter-fill").evaluate("e => parseFloat(e.style.width)")
+            assert abs(width - (value - 1) / 4 * 100) < 1.0
     finally:
         m.stop()

@@ -664,6 +664,8 @@
       latency: q(".latency"),
       net: q(".net"),
       named: q(".named-scores"),
+      diag: q(".diag-bars"),
+      diagKey: "",
       chart: null,
       cols: [[], [], [], []],
       visible: true,
@@ -685,6 +687,33 @@
     if (s.card.chart) s.card.chart.destroy();
     s.card.el.remove();
     s.card = null;
+  }
+
+  /** Named scores on a 1-5 scale as a small group of bars (DNSMOS SIG/BAK/OVRL, P.808, PLCMOS). */
+  function drawDiagBars(c, named) {
+    const bars = (named || []).filter(([, v]) => v >= 1 && v <= 5);
+    c.diag.hidden = !bars.length;
+    const key = bars.map(([k]) => k).join(",");
+    if (c.diagKey !== key) {
+      c.diagKey = key;
+      c.diag.replaceChildren(...bars.map(([k]) => {
+        const m = document.createElement("div");
+        m.className = "meter diag-meter";
+        m.dataset.score = k;
+        m.title = k;
+        m.innerHTML = '<span class="meter-label"></span><span class="meter-bar"><span class="meter-fill"></span></span>'
+          + '<span class="meter-value"></span>';
+        m.querySelector(".meter-label").textContent = k.includes(".") ? k.slice(k.lastIndexOf(".") + 1) : k;
+        return m;
+      }));
+    }
+    bars.forEach(([, v], i) => {
+      const m = c.diag.children[i];
+      const fill = m.querySelector(".meter-fill");
+      fill.style.width = `${((v - 1) / 4) * 100}%`;
+      setData(fill, "band", state.mode === "nr" ? band(v) : "none");
+      setText(m.querySelector(".meter-value"), v.toFixed(2));
+    });
   }
 
   /** Update one card; returns false when its chart still waits for its turn. */
@@ -729,6 +758,7 @@
       }
       c.named.hidden = !s.named;
       if (s.named) setText(c.named, s.named.map(([k, v]) => `${k} ${v.toFixed(2)}`).join(" · "));
+      drawDiagBars(c, s.named);
       drawCardAlerts(s);
     }
     if (s.chartDirty) {
