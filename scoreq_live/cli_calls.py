@@ -182,6 +182,9 @@ def _show(store: Store, call_id: str, as_json: bool) -> int:
             print(f"    {sc['name']}: mean {_fmt(sc['mean'])}  p10 {_fmt(sc['p10'])}  min {_fmt(sc['min'])}  "
                   f"max {_fmt(sc['max'])}  worst {WORST_SPAN_S:g}s {_fmt(w.get('mean'))} at {w.get('t_start', 0):.0f}–"
                   f"{w.get('t_end', 0):.0f}s")
+        for name, x in (s.get("scores") or {}).items():  # every named score beyond the primary one
+            print(f"    {name}: mean {_fmt(x.get('mean'))}  p10 {_fmt(x.get('p10'))}  min {_fmt(x.get('min'))}  "
+                  f"max {_fmt(x.get('max'))}  ({x.get('windows', 0)} windows)")
         if s.get("bands"):
             print("    bands: " + "  ".join(f"{k} {100 * v:.0f}%" for k, v in s["bands"].items()))
         net = s.get("net")

@@ -117,12 +117,13 @@ def test_the_events_round_trip_and_records_summarise_the_second_model(bundled_nr
 
 def test_the_monitor_alerts_and_counts_on_the_second_models_scores(tmp_path, tiny_fixed):
     """The monitor, as the command line builds it: an alert rule on the second model's score fires."""
+    from scoreq_live.calls.sink import StoreOptions
     from scoreq_live.monitor import MonitorOptions, build_monitor
     from scoreq_live.scoring.load import ScoringOptions
     from scoreq_live.sinks.metrics import MetricsSink
 
-    jsonl = tmp_path / "events.jsonl"
-    opts = MonitorOptions(inputs=[str(FILES["ref"])], fast=True, jsonl=str(jsonl),
+    jsonl, db = tmp_path / "events.jsonl", tmp_path / "calls.db"
+    opts = MonitorOptions(inputs=[str(FILES["ref"])], fast=True, jsonl=str(jsonl), store=StoreOptions(str(db)),
                           scoring=ScoringOptions(model="distillmos", extra_models=(str(tiny_fixed),), max_batch=2),
                           alerts=["tiny3s.mos>1 for 2s"])
     monitor = build_monitor(opts)
@@ -146,6 +147,12 @@ def test_the_monitor_alerts_and_counts_on_the_second_models_scores(tmp_path, tin
     assert f'scoreq_live_score{{score="tiny3s.mos",stream="ref"}} {value}' in metrics.render()[0].decode()
     record = next(e for e in evs if e["type"] == "stream_record")
     assert record["scores"]["tiny3s.mos"]["windows"] == len(extra)
+    # The stored record keeps the summary: 'calls show' prints it.
+    show = subprocess.run([sys.executable, "-m", "scoreq_live", "calls", "show", record["call"], "--store", str(db)],
+                          capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0, show.stderr
+    mean = record["scores"]["tiny3s.mos"]["mean"]
+    assert f"tiny3s.mos: mean {mean:.2f}" in show.stdout and f"({len(extra)} windows)" in show.stdout
 
 
 def test_bad_model_combinations_are_refused_with_a_reason(tiny_ref, tiny_nr):
