@@ -296,9 +296,9 @@ class Monitor:
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}/media"
         self._tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self._collect())]
-        for _ in range(200):
-            if self.ingest.accepting:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not self.ingest.accepting and loop.time() < deadline:
             await asyncio.sleep(0.01)
         assert self.ingest.accepting
         return self
@@ -306,10 +306,18 @@ class Monitor:
     async def stop(self) -> list[Event]:
         """Stop the monitor (its live streams end as ``stopped``); all its events."""
         self.engine.stop()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), 30)
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 60)
         return self.events
 
-    async def until_ended(self, streams: set[str], timeout: float = 20.0) -> None:
+    async def until_scored(self, stream: str, windows: int, timeout: float = 60.0) -> None:
+        """Until the first ``windows`` windows of ``stream`` have their events (scored or skipped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(scores(self.events, stream)) < windows:
+            assert loop.time() < deadline, f"{stream}: {windows} windows not resolved in {timeout} s"
+            await asyncio.sleep(0.005)
+
+    async def until_ended(self, streams: set[str], timeout: float = 60.0) -> None:
         """Until each of ``streams`` has ended."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -339,6 +347,49 @@ def tiny_scorer(tiny_nr):
 
 TINY = EngineConfig(stream=StreamConfig(window_s=1.0, hop_s=0.5, model="tiny"), max_batch=8)
 
+HELD_BACK = 4000  # 0.25 s at 16 kHz: more than the resampler keeps back from 8 kHz input until the stream ends
+
+
+def window_ends(cfg: StreamConfig, samples: int) -> list[int]:
+    """Where (16 kHz samples) each full window of a stream of ``samples`` (16 kHz) ends."""
+    return list(range(cfg.window, samples + 1, cfg.hop))
+
+
+async def send_in_step(ws: aiohttp.ClientWebSocketResponse, mon: Monitor,
+                       messages: Sequence[tuple[float, str]], cfg: StreamConfig, streams: dict[str, str],
+                       speed: float) -> None:
+    """Send a Twilio call's messages at ``speed`` times real time, but no audio that completes a track's
+    window while that track's window before still waits for its result, and the messages after the audio
+    (``mark``, ``stop``) only once every window cut before them has its result.
+
+    So no window is ever replaced by a newer one of its track (skipped as ``overloaded``) because the machine
+    is slow: what the monitor scores is the call's audio, whatever the run times.  Where the scorer keeps up,
+    nothing waits.  ``streams``: track -> stream name.
+    """
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    held = 0.0  # time spent waiting for results: the pace goes on from where it was
+    audio = {t: 0 for t in streams}  # each track's audio so far (16 kHz samples)
+    for at, msg in messages:
+        m = json.loads(msg)
+        if m["event"] == "media":
+            track = m["media"]["track"]
+            upto = int(m["media"]["chunk"]) * mt.CHUNK_MS * 16  # this message's last sample, at 16 kHz
+            audio[track] = upto
+            need = {track: len(window_ends(cfg, upto)) - 1}  # all but the window this message may complete
+        elif m["event"] in ("mark", "stop"):  # the end: the windows the audio sent cuts before the flush
+            need = {t: len(window_ends(cfg, n - HELD_BACK)) for t, n in audio.items()}
+        else:
+            need = {}
+        t_wait = loop.time()
+        for track, n in need.items():
+            await mon.until_scored(streams[track], n)
+        held += loop.time() - t_wait
+        wait = t0 + held + at / speed - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await ws.send_str(msg)
+
 
 async def test_a_twilio_call_with_both_tracks_scores_like_the_same_audio_offline(speech, bundled_nr):
     """A real call (two recordings, mu-law) at 4x real time: both tracks scored with the bundled model, ended
@@ -348,10 +399,19 @@ async def test_a_twilio_call_with_both_tracks_scores_like_the_same_audio_offline
     cfg = StreamConfig(window_s=window_s, hop_s=2.0, model="distillmos")  # a longer hop: fewer windows to run
     ulaw = {t: mt.mulaw_encode(speech[t]) for t in ("inbound", "outbound")}
     inbound, outbound = f"{CALL}-inbound", f"{CALL}-outbound"
-    async with Monitor(scorer, EngineConfig(stream=cfg, max_batch=8), MediaIngest(timeout_s=2.0)) as mon:
+    # Every full window of the inbound track is cut before the stop (none needs what the resampler holds back
+    # until the end), so each gets its own result, as offline; the tail is cut at the stop.
+    n_in = 2 * len(ulaw["inbound"])
+    assert not [e for e in window_ends(cfg, n_in) if e > n_in - HELD_BACK], "a window ends too near the end"
+    # The sender waits for the monitor's results where it must (send_in_step), and meanwhile no media
+    # flows: a generous inactivity timeout, and a latency budget no slow run overruns.  The test is about
+    # the audio and its scores, not about pace.
+    config = EngineConfig(stream=cfg, max_batch=8, max_latency_s=60.0)
+    async with Monitor(scorer, config, MediaIngest(timeout_s=60.0)) as mon:
         async with aiohttp.ClientSession() as http, http.ws_connect(mon.url) as ws:
-            await mt.send_paced(ws, mt.twilio_call(ulaw, call_sid=CALL), speed=4.0)
-            msg = await ws.receive(timeout=10)  # the monitor closes after stop
+            await send_in_step(ws, mon, mt.twilio_call(ulaw, call_sid=CALL), cfg,
+                               {"inbound": inbound, "outbound": outbound}, speed=4.0)
+            msg = await ws.receive(timeout=60)  # the monitor closes after stop
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1000, msg
         await mon.until_ended({inbound, outbound})
         events = await mon.stop()

@@ -43,6 +43,10 @@ PACKET_S = PACKET_MS / 1000
 RATE_PPS = 1000 / PACKET_MS
 STEP = 8000 * PACKET_MS // 1000  # PCMU timestamp units per packet
 TIMEOUT_S = 0.5  # the ports' inactivity timeout
+# The good stream's port beside a flood: a sender thread that the busy machine does not run for half a second
+# must not split the stream in two; the stream still ends by this timeout once its last packet is in.
+FLOODED_TIMEOUT_S = 2.0
+SETTLE_S = 30.0  # the longest wait for what is sent to be taken and worked off (LIMIT_S bounds the run)
 LIMIT_S = 40.0  # no engine run lasts longer, whatever happens
 # Windows that do not overlap, so that the score events' net numbers add up to the stream's.
 CFG = EngineConfig(stream=StreamConfig(window_s=1.0, hop_s=1.0, model="tiny"), max_batch=8)
@@ -108,6 +112,14 @@ class Port(RtpPort):
         self.number = self.address[1]
         self.opened: dict[str, RtpSource] = {}
         self.audio: dict[str, list[np.ndarray]] = {}
+        self.demuxed = 0  # datagrams the demux has worked off (port.received counts those taken from the socket)
+        datagram = self.demux.datagram
+
+        def counted(data: bytes, addr: tuple[str, int], arrival_s: float) -> list:
+            self.demuxed += 1
+            return datagram(data, addr, arrival_s)
+
+        self.demux.datagram = counted  # type: ignore[method-assign]
 
     async def streams(self) -> AsyncIterator[RtpSource]:
         async for src in super().streams():
@@ -132,6 +144,19 @@ class Port(RtpPort):
         src = self.opened[f"{self.name}-{ssrc:08x}"]
         assert src.stream is not None
         return src.stream.totals()
+
+    def settled(self, sent: int) -> bool:
+        """Each of the ``sent`` datagrams was taken from the socket (or, where the kernel tells, dropped by it),
+        and each one taken is accounted for: a stream's packet, or counted (dropped by reason, overflow, RTCP).
+
+        Datagrams of would-be streams are counted only once they are forgotten, so this also waits for that.
+        """
+        kernel = kernel_drops(self.number)
+        if kernel is not None and self.received + kernel < sent:
+            return False
+        streams = sum(t["received"] + t["duplicated"] for t in (s.stream.totals() for s in self.opened.values()
+                                                                   if s.stream is not None))
+        return self.received == streams + sum(self.demux.dropped.values()) + self.overflow + self.demux.rtcp_packets
 
 
 class Running:
@@ -347,17 +372,24 @@ def flood_garbage(n: int) -> list[bytes]:
     return [rt.garbage(1 + (i * 7919) % 300, seed=i) for i in range(n)]
 
 
-async def blast(port: int, datagrams: list[bytes], burst: int = 1000, pause_s: float = 0.04) -> float:
-    """Send ``datagrams`` in bursts of ``burst`` at full speed, ``pause_s`` apart; returns the seconds it took.
+async def blast(port: Port, datagrams: list[bytes], burst: int = 1000) -> float:
+    """Send ``datagrams`` in bursts of ``burst`` at full speed, each once the port has worked off the one before;
+    returns the seconds it took.
 
-    A burst fits the socket's receive buffer (about 10,000 small datagrams) even if the monitor's event loop
-    is not scheduled at all meanwhile, so the kernel drops nothing as long as the monitor keeps up on average.
+    A burst fits the socket's receive buffer (about 10,000 small datagrams) and the port's queue (4,096) even if
+    the monitor's event loop is not scheduled at all meanwhile, and no burst goes before the last is worked
+    off: the flood comes as fast as the monitor takes it, so the kernel and the queue drop nothing, however
+    slow or busy the machine.
     """
     start = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for i in range(0, len(datagrams), burst):
-            await send(port, datagrams[i:i + burst], rate=None, sock=s)
-            await asyncio.sleep(pause_s)
+            # port.demuxed counts the good stream's datagrams too: at most its few hundred may still wait
+            end = time.monotonic() + SETTLE_S
+            while port.demuxed < i and time.monotonic() < end:
+                await asyncio.sleep(0.005)
+            assert port.demuxed >= i, f"the port worked off {port.demuxed} datagrams of {i} in {SETTLE_S} s"
+            await send(port.number, datagrams[i:i + burst], rate=None, sock=s)
     return time.monotonic() - start
 
 
@@ -378,7 +410,7 @@ async def test_malformed_packets_and_a_garbage_flood_on_the_port_leave_the_good_
     extension 16 kB long, padding longer than the packet), sent from the good sender's own socket; and
     20,000 datagrams of random bytes arrive from elsewhere, in bursts of 1,000 at full speed.  All are
     counted, by reason, and the good stream's decoded audio is sample for sample that of the clean packets."""
-    port = Port("good")
+    port = Port("good", timeout_s=FLOODED_TIMEOUT_S)
     ssrc, n, n_flood = 0x600DC0DE, 320, 20_000
     good = packets(payloads, ssrc, n, offset=100)
     mixed: list[bytes] = []
@@ -391,14 +423,17 @@ async def test_malformed_packets_and_a_garbage_flood_on_the_port_leave_the_good_
     name = f"good-{ssrc:08x}"
 
     async def flood_later() -> float:
-        await asyncio.sleep(0.4)
-        return await blast(port.number, garbage)
+        while port.demuxed < 40:  # the good stream is playing (its first 20 packets are in)
+            await asyncio.sleep(0.005)
+        return await blast(port, garbage)
 
     async with Running(tiny_scorer, [port]) as run:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            _, flood_s = await asyncio.gather(send(port.number, mixed, rate=2 * RATE_PPS, sock=s), flood_later())
-        assert await run.wait_for(lambda: run.ended(name), 10.0)
-        await asyncio.sleep(TIMEOUT_S + 0.2)  # the flood's would-be streams (one packet each) are forgotten
+            _, flood_s = await asyncio.gather(send(port.number, mixed, rate=2 * RATE_PPS, sock=s),
+                                              asyncio.wait_for(flood_later(), SETTLE_S))
+        assert await run.wait_for(lambda: run.ended(name), SETTLE_S)
+        # Every datagram taken and accounted for: the flood's would-be streams (one packet each) are forgotten.
+        assert await run.wait_for(lambda: port.settled(2 * n + n_flood), SETTLE_S), (port.received, port.demuxed)
         drops = f"the kernel dropped {kernel_drops(port.number)} datagrams for the port"
 
     t = port.totals(ssrc)
@@ -424,20 +459,22 @@ async def test_malformed_packets_and_a_garbage_flood_on_the_port_leave_the_good_
 async def test_a_flood_on_another_port_does_not_stall_the_good_stream(payloads, tiny_scorer):
     """A second port in the same monitor takes 30,000 datagrams at full speed while the good stream plays:
     the good stream loses no packet, none comes late, and its audio is exactly that of its packets."""
-    port, other = Port("good"), Port("busy")
+    port, other = Port("good", timeout_s=FLOODED_TIMEOUT_S), Port("busy")
     ssrc, n, n_flood = 0x0D15EA5E, 320, 30_000
     good = packets(payloads, ssrc, n, offset=900)
     garbage = flood_garbage(n_flood)
     name = f"good-{ssrc:08x}"
 
     async def flood_later() -> float:
-        await asyncio.sleep(0.3)
+        while port.demuxed < 20:  # the good stream is playing
+            await asyncio.sleep(0.005)
         return await send(other.number, garbage, rate=None)  # all at once: the kernel drops what does not fit
 
     async with Running(tiny_scorer, [port, other]) as run:
-        _, flood_s = await asyncio.gather(send(port.number, good), flood_later())
-        assert await run.wait_for(lambda: run.ended(name), 10.0)
-        await asyncio.sleep(TIMEOUT_S + 0.2)  # the flood's would-be streams (one packet each) are forgotten
+        _, flood_s = await asyncio.gather(send(port.number, good), asyncio.wait_for(flood_later(), SETTLE_S))
+        assert await run.wait_for(lambda: run.ended(name), SETTLE_S)
+        # Every datagram taken and accounted for: the flood's would-be streams (one packet each) are forgotten.
+        assert await run.wait_for(lambda: other.settled(n_flood), SETTLE_S), (other.received, other.demuxed)
         drops = f"the kernel dropped {kernel_drops(port.number)} datagrams for the good port"
     t = port.totals(ssrc)
     assert (t["expected"], t["received"], t["lost"], t["late"], t["duplicated"]) == (n, n, 0, 0, 0), (t, drops)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +23,7 @@ from scoreq_live.scoring.load import ScoringOptions, load_scorer
 from scoreq_live.scoring.scorer import BackendUnavailable, RemoteScorer, Scorer
 from scoreq_live.scoring.spec import ModelError
 from scoreq_live.scoring.triton import TritonModel
-from scoreq_live.sources import open_inputs
+from scoreq_live.sources import FileSource, open_inputs
 from tests.helpers import EXAMPLES, ROOT, speech_16k
 from tests.triton_tools import TritonServer
 
@@ -121,27 +124,64 @@ async def test_engine_scores_files_through_triton_as_it_does_locally(server):
     assert [(s.state, s.backend, s.stream) for s in status] == [("up", server.url("distillmos"), "")]
 
 
+def executed(server: TritonServer, model: str = "distillmos") -> int:
+    """Windows the server has run for ``model`` so far (every execution's batch size, summed)."""
+    return sum(size * count for size, count in server.batch_sizes(model).items())
+
+
+def until(cond, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.02)
+
+
 def test_two_monitors_share_the_server_and_get_merged_batches(server, tmp_path):
     """Each monitor sends requests of one window, at most 4 in flight: an execution of more than 4 merged both.
 
-    Three streams each, so that each monitor keeps requests in flight for longer than the other takes to start.
+    The two are made to overlap: the first is paused (SIGSTOP) as soon as the server has run a window of it,
+    the second is started and the first goes on (SIGCONT) only once the server has run windows of the second,
+    with most of both monitors' windows still to come.  However long a monitor takes to start on a busy
+    machine, both then have requests in flight together for seconds (each monitor's ~160 windows take at least
+    40 of the server's 100 ms batching rounds), where the batcher merges them.  A paused monitor's requests
+    must not time out meanwhile: a deadline longer than any wait here.
     """
     before = server.batch_sizes("distillmos")
-    procs, outs = [], []
-    for name in ("m1", "m2"):
+    procs: list[subprocess.Popen[bytes]] = []
+    outs = []
+
+    def start(name: str) -> subprocess.Popen[bytes]:
         out = tmp_path / f"{name}.jsonl"
         outs.append(out)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "scoreq_live", "monitor",
              *[a for k in range(3) for a in ("-i", f"{name}-{k}={EXAMPLES / 'clean.wav'}")], "--fast",
              "--no-tui", "--no-ws", "-q", "--hop", "0.5", "--max-batch", "1", "--backend", server.url("distillmos"),
-             "--jsonl", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+             "--backend-timeout", "600", "--jsonl", str(out)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    def output(p: subprocess.Popen[bytes]) -> str:
+        return p.stdout.read().decode() if p.stdout and p.poll() is not None else f"still running ({p.pid})"
+
     try:
+        w0 = executed(server)
+        m1 = start("m1")
+        until(lambda: executed(server) > w0 or m1.poll() is not None, "the first monitor's first window")
+        os.kill(m1.pid, signal.SIGSTOP)
+        assert m1.poll() is None, output(m1)  # it had most of its windows still to send
+        paused = executed(server)  # then at most its 4 requests in flight are still run
+        m2 = start("m2")
+        until(lambda: executed(server) > paused + 4 or m2.poll() is not None, "the second monitor's first window")
+        assert m2.poll() is None, output(m2)
+        os.kill(m1.pid, signal.SIGCONT)
         for p in procs:
-            assert p.wait(timeout=240) == 0, p.stdout.read().decode() if p.stdout else ""
+            assert p.wait(timeout=240) == 0, output(p)
     finally:
         for p in procs:
             if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGCONT)
                 p.kill()
                 p.wait()
     after = server.batch_sizes("distillmos")
@@ -156,6 +196,45 @@ def test_two_monitors_share_the_server_and_get_merged_batches(server, tmp_path):
     assert scores[0] == scores[1]  # the same file scored in merged batches gets the same scores
 
 
+class Held(FileSource):
+    """A file played in real time that stops at the given positions until the test lets it go on.
+
+    ``holds``: (seconds into the file, what to wait for there).  Its clock stops with it, so the audio after a
+    hold is played in real time again (not in a catch-up burst).  ``at`` is set to each hold's position when
+    the file reaches it.
+    """
+
+    def __init__(self, name: str, path, holds) -> None:
+        super().__init__(name, path, fast=True)  # the pace is kept here, around the holds
+        self.holds = list(holds)
+        self.at: float | None = None
+
+    async def frames(self):
+        loop = asyncio.get_running_loop()
+        t0, sent = loop.time(), 0
+        holds = sorted(self.holds, key=lambda h: h[0])
+        async for data in super().frames():
+            while holds and sent >= holds[0][0] * self.rate:
+                pos, wait = holds.pop(0)
+                self.at = pos
+                stopped = loop.time()
+                await wait()
+                t0 += loop.time() - stopped
+            delay = t0 + (sent + data.shape[0]) / self.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent += data.shape[0]
+            yield data
+
+
+async def until_true(cond, what: str, timeout: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"{what}: not within {timeout:g} s"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def restartable(tmp_path_factory):
     s = TritonServer({"distillmos": MODELS["distillmos"]}, tmp_path_factory.mktemp("tr"))  # short: see TritonServer
@@ -167,29 +246,48 @@ def restartable(tmp_path_factory):
 async def test_a_lost_server_skips_windows_then_scoring_resumes_after_restart(restartable):
     """Two monitors live (in real time) on one server, one with a local fallback; the server is stopped and
     restarted mid-stream: skipped windows say backend_unavailable (or are scored locally), the backend status
-    events say down/fallback then up, and no stream ends early."""
+    events say down/fallback then up, and no stream ends early.
+
+    The outage is placed in the file by construction, however long the server takes to stop and start: each
+    file stops at 8 s until the server is stopped, and at 14 s until it is back and the monitor has found it
+    again; so the 6 s between are played while it is down, and the rest (14 s) once it is up."""
     url = restartable.url("distillmos")
-    base = dict(window_s=4.0, hop_s=1.0, device="cpu", max_batch=4, backend=url, backend_timeout_s=3.0)
+    # A stopped server refuses connections at once; a deadline is only for a server that answers slowly, and a
+    # busy machine's server may take seconds over a batch: a generous one, so that only the outage is lost.
+    base = dict(window_s=4.0, hop_s=1.0, device="cpu", max_batch=4, backend=url, backend_timeout_s=30.0)
     plain = load_scorer(ScoringOptions(**base))  # type: ignore[arg-type]
     with_fallback = load_scorer(ScoringOptions(**base, backend_fallback="local"))  # type: ignore[arg-type]
     assert with_fallback.fallback is not None
-    runs = []
+    stopped, restarted = asyncio.Event(), asyncio.Event()
+    runs, files = [], []
     for loaded in (plain, with_fallback):
         bus = EventBus()
-        engine = Engine(loaded.scorer, open_inputs([f"s={EXAMPLES / 'clean.wav'}"], fast=False),
-                        EngineConfig(stream=loaded.stream, max_batch=4), bus, fallback=loaded.fallback)
+        engines: list[Engine] = []
+
+        async def back(engines=engines) -> None:
+            await restarted.wait()
+            await until_true(lambda: engines[0].runner.health.up, "the monitor finds the server again")  # type: ignore[attr-defined]
+
+        src = Held("s", EXAMPLES / "clean.wav", [(8.0, stopped.wait), (14.0, back)])
+        engine = Engine(loaded.scorer, [src], EngineConfig(stream=loaded.stream, max_batch=4), bus,
+                        fallback=loaded.fallback)
+        engines.append(engine)
         runs.append((engine, bus.subscribe()))
+        files.append(src)
     tasks = [asyncio.create_task(e.run()) for e, _ in runs]
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
-    while runs[0][0].windows_run < 2 and time.monotonic() - t0 < 30:  # scored through Triton first
-        await asyncio.sleep(0.1)
+    await until_true(lambda: runs[0][0].windows_run >= 2, "windows scored through Triton first")
     await loop.run_in_executor(None, restartable.stop)
     down_at = time.monotonic()
-    await asyncio.sleep(2.0)
+    stopped.set()
+    # Both files have played to 14 s with the server down, and both monitors have noticed.
+    await until_true(lambda: all(f.at == 14.0 for f in files), "the files reach the end of the outage")
+    await until_true(lambda: not any(e.runner.health.up for e, _ in runs), "the monitors notice")  # type: ignore[attr-defined]
     await loop.run_in_executor(None, restartable.start)
     up_at = time.monotonic()
-    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    restarted.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 180)
     assert time.monotonic() - up_at > 3, "the file should still be playing when the server is back"
     for (_, sub), fallback in zip(runs, (False, True)):
         evs = [ev async for ev in sub]
