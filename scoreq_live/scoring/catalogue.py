@@ -58,6 +58,34 @@ BUNDLED: dict[str, ModelSpec] = {
     ),
 }
 
+SPEECHMOS_LICENCE = "MIT (Microsoft Corporation), from the speechmos 0.0.1.1 wheel"
+_DNSMOS_USE = ("ITU-T P.835 split of quality: speech distortion (SIG), background noise (BAK), overall (OVRL), "
+               "and a P.808 MOS")
+
+
+def _diagnostic(name: str, file: str, scores: tuple[str, ...], primary: str, samples: int, hop_s: float,
+                description: str) -> ModelSpec:
+    """A bundled diagnostic model: several named scores (or one named after it) per window, from raw audio."""
+    return ModelSpec(name=name, file=BUNDLED_DIR / file, kind="scores", input_name="audio",
+                     output_name="scores" if len(scores) > 1 else scores[0], native_window_s=samples / 16000,
+                     input_samples=samples, hop_s=hop_s, licence=SPEECHMOS_LICENCE, domain="natural",
+                     description=description, bundled=True, output_dim=len(scores), scores=scores, primary=primary)
+
+
+BUNDLED.update({
+    "dnsmos": _diagnostic(
+        "dnsmos", "dnsmos.onnx", ("dnsmos.sig", "dnsmos.bak", "dnsmos.ovrl", "dnsmos.p808"), "dnsmos.ovrl",
+        144_160, 3.0, f"DNSMOS (Microsoft): {_DNSMOS_USE}; 9.01 s windows"),
+    "dnsmos-personalized": _diagnostic(
+        "dnsmos-personalized", "dnsmos-personalized.onnx",
+        ("pdnsmos.sig", "pdnsmos.bak", "pdnsmos.ovrl", "pdnsmos.p808"), "pdnsmos.ovrl", 144_160, 3.0,
+        f"personalized DNSMOS (Microsoft): {_DNSMOS_USE}, for the primary talker (interfering talkers count "
+        "as distortion); 9.01 s windows"),
+    "plcmos": _diagnostic(
+        "plcmos", "plcmos.onnx", ("plcmos",), "plcmos", 160_000, 2.0,
+        "PLCMOS v2 (Microsoft): how well packet-loss concealment hides lost audio, 1-5; 10 s windows"),
+})
+
 DEFAULT_MODEL = "distillmos"
 DEFAULT_REF_MODEL = "distillmos-embedding"
 
