@@ -42,10 +42,10 @@ from scoreq_live.core.stream import StreamConfig
 from scoreq_live.engine import Engine, EngineConfig
 from scoreq_live.errors import ConfigError
 from scoreq_live.scoring.load import LoadedScorer, ScoringOptions, load_scorer
+from scoreq_live.scoring.scorer import Scorer
 from scoreq_live.sources.base import Source
 
 if TYPE_CHECKING:
-    from scoreq_live.scoring.scorer import Scorer
     from scoreq_live.scoring.session import OnnxModel
 
 LIVE_RATE = 48_000  # bench streams arrive at 48 kHz (WebRTC, sound devices), so the host side resamples
@@ -214,6 +214,7 @@ class BenchOptions:
     host_s: float = 20.0
     capacity_s: float = 12.0  # seconds of scoring per capacity trial, after the first window fills
     capacity_trials: int = 4
+    incremental_s: float = 20.0  # seconds of audio per stream in the incremental-vs-full rounds
     soak_streams: int = 50
     soak_s: float = 3600.0
     memory_streams: int = 200
@@ -281,20 +282,43 @@ def bench(scoring: LoadedScorer, opts: BenchOptions, say: Callable[[str], None] 
     per_stream = max(1, opts.windows // opts.streams)
     engine_s = stream.window_s + (per_stream - 1) * hop + 0.01
 
-    def engine() -> float:
-        sources = [ClipSource(f"s{i}", clip, engine_s, fast=True, offset=i * 7919 * 48) for i in range(opts.streams)]
-        r = asyncio.run(run_engine(scorer, sources, stream, scorer.max_batch, fast=True))
-        return r.windows_run / r.wall_s
+    long_counts: dict[str, Any] = {"windows": 0, "incremental": 0, "recomputed": 0, "fallback": 0, "reasons": {}}
 
-    for f in (bare, naive, engine):  # warm: first runs of each session and the engine's imports
+    def engine_with(which: Scorer, seconds: float, counted: bool = False) -> Callable[[], float]:
+        def engine() -> float:
+            sources = [ClipSource(f"s{i}", clip, seconds, fast=True, offset=i * 7919 * 48)
+                       for i in range(opts.streams)]
+            before = {**which.incremental_counts, "reasons": dict(which.incremental_counts["reasons"])}
+            r = asyncio.run(run_engine(which, sources, stream, which.max_batch, fast=True))
+            if counted:  # how the incremental scorer computed these windows
+                after = which.incremental_counts
+                for k in ("windows", "incremental", "recomputed", "fallback"):
+                    long_counts[k] += after[k] - before[k]
+                for k, v in after["reasons"].items():
+                    long_counts["reasons"][k] = long_counts["reasons"].get(k, 0) + v - before["reasons"].get(k, 0)
+            return r.windows_run / r.wall_s
+        return engine
+
+    runs: list[tuple[str, Callable[[], float]]] = [("bare", bare), ("naive", naive),
+                                                   ("engine", engine_with(scorer, engine_s))]
+    # With incremental scoring (the default for Distill-MOS): the same engine on longer streams (a stream's
+    # first window is always computed in full), against the same engine scoring every window in full.
+    full_scorer = Scorer(scorer.model, scorer.reference, plan=scorer.plan) if scorer.incremental else None
+    if full_scorer is not None:
+        long_s = stream.window_s + opts.incremental_s
+        runs += [("engine_long", engine_with(scorer, long_s, counted=True)),
+                 ("engine_full", engine_with(full_scorer, long_s))]
+    for _, f in runs:  # warm: first runs of each session and the engine's imports
         f()
-    rows: dict[str, list[float]] = {"bare": [], "naive": [], "engine": []}
-    say(f"bench: {opts.rounds} interleaved rounds of {len(windows)} windows (bare, naive, engine x{opts.streams})")
+    long_counts.update(windows=0, incremental=0, recomputed=0, fallback=0, reasons={})
+    rows: dict[str, list[float]] = {key: [] for key, _ in runs}
+    say(f"bench: {opts.rounds} interleaved rounds of {len(windows)} windows ({', '.join(rows)} x{opts.streams})")
     for r in range(opts.rounds):
-        for key, f in (("bare", bare), ("naive", naive), ("engine", engine)):
+        for key, f in runs:
             rows[key].append(f())
         say(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()) + " windows/s")
     engine_vs_bare = [e / b for e, b in zip(rows["engine"], rows["bare"])]
+    incremental = _incremental_report(scorer, windows, hop, rows, long_counts) if full_scorer else None
     naive_vs_bare = [n / b for n, b in zip(rows["naive"], rows["bare"])]
 
     # Equal accuracy: the monitor's scores of these windows against the naive loop's.
@@ -314,9 +338,16 @@ def bench(scoring: LoadedScorer, opts: BenchOptions, say: Callable[[str], None] 
     naive_capacity = naive_wps * hop
     engine_wps = statistics.median(rows["engine"])
     say(f"capacity: live streams at a {hop:g}s hop, p99 latency within the budget, at most 1 % thinned")
-    trials = capacity_trials(scorer, stream, clip, engine_wps, opts, say)
+    # The throughput that sizes the first trial: incremental scoring's, measured on streams longer than two windows.
+    start_wps = statistics.median(rows["engine_long"]) if full_scorer is not None else engine_wps
+    trials = capacity_trials(scorer, stream, clip, start_wps, opts, say)
     sustained = [t["streams"] for t in trials if t["ok"]]
     capacity = max(sustained) if sustained else 0
+    if full_scorer is not None and incremental is not None:
+        say("capacity, every window in full (--no-incremental):")
+        full_trials = capacity_trials(full_scorer, stream, clip, statistics.median(rows["engine_full"]), opts, say)
+        done = [t["streams"] for t in full_trials if t["ok"]]
+        incremental.update(capacity_full_streams=max(done) if done else 0, capacity_full_trials=full_trials)
 
     say(f"soak: {opts.soak_streams} streams x {opts.soak_s:g}s simulated (host side), resident memory sampled")
     soak = run_soak(stream, clip, opts)
@@ -338,9 +369,27 @@ def bench(scoring: LoadedScorer, opts: BenchOptions, say: Callable[[str], None] 
         "capacity_trials": trials,
         "capacity_vs_naive": capacity / naive_capacity if naive_capacity > 0 else None,
         "soak": soak,
+        "incremental": incremental,
     }
     report["goals"] = check_goals(report)
     return report
+
+
+def _incremental_report(scorer: Scorer, windows: list[np.ndarray], hop_s: float, rows: dict[str, list[float]],
+                        counts: dict[str, Any]) -> dict[str, Any]:
+    """Incremental against full scoring: speed (interleaved rounds), exactness on one stream, recomputes, memory."""
+    n, recomputed = counts["windows"], counts["recomputed"]
+    state = scorer.new_state()
+    hop = int(round(hop_s * SAMPLE_RATE))
+    got = [scorer.score_named([w], [state], [k * hop])[0, 0] for k, w in enumerate(windows)]
+    want = scorer.embed(windows)[:, 0]
+    return {
+        "vs_full": spread([i / f for i, f in zip(rows["engine_long"], rows["engine_full"])]),
+        "windows": n, "recompute_rate": recomputed / n if n else None,
+        "reasons": counts["reasons"],
+        "max_difference_vs_full": float(np.max(np.abs(np.array(got) - want))),
+        "cache_bytes_per_stream": int(getattr(state, "nbytes", 0)),
+    }
 
 
 def measure_memory(stream: StreamConfig, clip: np.ndarray, n: int, max_batch: int) -> dict[str, Any]:
@@ -386,7 +435,7 @@ def capacity_trials(scorer: Scorer, stream: StreamConfig, clip: np.ndarray, engi
     """Live runs at rising or falling stream counts, starting from the measured engine throughput."""
     hop = stream.hop_s
     n = max(1, int(engine_wps * hop * 0.9))
-    step = max(1, n // 8)
+    step = max(1, n // 6)
     trials: list[dict[str, Any]] = []
     tried: dict[int, bool] = {}
     duration = stream.window_s + opts.capacity_s
@@ -462,7 +511,10 @@ def render(report: dict[str, Any]) -> str:
         f"{'windows per second':<40}{'median':>10}{'min':>10}{'max':>10}",
     ]
     for key, label in (("bare", "bare session.run"), ("naive", "naive loop (default session, batch 1)"),
-                       ("engine", "engine --fast")):
+                       ("engine", "engine --fast"), ("engine_long", "engine --fast, longer streams"),
+                       ("engine_full", "the same, --no-incremental")):
+        if key not in w:
+            continue
         s = w[key]
         lines.append(f"{label:<40}{s['median']:>10.2f}{s['min']:>10.2f}{s['max']:>10.2f}")
     for key, label in (("engine_vs_bare", "engine / bare"), ("naive_vs_bare", "naive / bare")):
@@ -471,9 +523,19 @@ def render(report: dict[str, Any]) -> str:
     acc = report["max_score_difference_vs_naive"]
     if acc is not None:
         lines.append(f"{'largest score difference vs naive':<40}{acc:>10.2g}")
+    inc = report.get("incremental")
+    capacity = f"live capacity: {report['capacity_streams']} streams"
+    if inc:
+        s = inc["vs_full"]
+        lines.append(f"{'incremental / full':<40}{s['median']:>10.3f}{s['min']:>10.3f}{s['max']:>10.3f}")
+        lines.append(f"incremental: {100 * (inc['recompute_rate'] or 0):.0f} % of windows recomputed in full "
+                     f"({', '.join(f'{k} {v}' for k, v in inc['reasons'].items() if v)}); largest difference vs "
+                     f"full {inc['max_difference_vs_full']:.2g}; feature cache "
+                     f"{inc['cache_bytes_per_stream'] / 1e6:.2f} MB per stream")
+        capacity += f" (every window in full: {inc.get('capacity_full_streams', 'n/a')})"
     lines += [
         "",
-        f"live capacity: {report['capacity_streams']} streams (naive loop: {report['naive_capacity_streams']:.1f})",
+        f"{capacity} (naive loop: {report['naive_capacity_streams']:.1f})",
         f"host side: {report['host']['streams_per_core']:.0f} streams per core; "
         f"{report['memory']['mb_per_stream']:.3f} MB per stream ({report['memory']['rss_mb_per_stream']:.3f} MB "
         "resident)",

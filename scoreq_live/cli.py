@@ -70,6 +70,9 @@ def _scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothing", choices=("ema", "median"), default="ema", help="smoothing of the score (default ema)")
     g.add_argument("--smoothing-s", type=float, default=5.0, metavar="S",
                    help="EMA time constant / median span in seconds (default 5)")
+    g.add_argument("--no-incremental", dest="incremental", action="store_false",
+                   help="score every Distill-MOS window in full (default: each stream's CNN features of the "
+                        "overlap between consecutive windows are computed once; the scores are the same)")
     g.add_argument("--backend", metavar="URL",
                    help="score on an NVIDIA Triton Inference Server: triton://HOST:8001/MODEL (gRPC) or "
                         "triton+http://HOST:8000/MODEL; --model still names the contract (default: local)")
@@ -282,7 +285,7 @@ def scoring_options(a: argparse.Namespace) -> ScoringOptions:
                           threads=a.threads, max_batch=a.max_batch, min_speech=a.min_speech, vad=a.vad,
                           backend=getattr(a, "backend", None), backend_fallback=getattr(a, "backend_fallback", None),
                           backend_timeout_s=getattr(a, "backend_timeout", None),
-                          smoothing=a.smoothing, smoothing_s=a.smoothing_s)
+                          smoothing=a.smoothing, smoothing_s=a.smoothing_s, incremental=a.incremental)
 
 
 def feed_options(a: argparse.Namespace, ws: str | None, ws_required: bool = True) -> FeedOptions:
@@ -327,6 +330,7 @@ def cmd_monitor(a: argparse.Namespace) -> int:
 
     from scoreq_live.monitor import build_monitor
     from scoreq_live.progress import ConsoleProgress
+    from scoreq_live.scoring.load import INCREMENTAL_MODELS
     from scoreq_live.sinks.status import StatusSink
     from scoreq_live.sinks.terminal import TerminalSink
 
@@ -346,8 +350,12 @@ def cmd_monitor(a: argparse.Namespace) -> int:
         why = f" ({model.cpu_reason})" if model.cpu_reason else ""
         plan = getattr(monitor.scoring.scorer, "plan", None)
         batch = f", batch sizes {'/'.join(map(str, plan.sizes))} ({plan.source})" if plan is not None else ""
+        how = ""
+        if stream.model in INCREMENTAL_MODELS and not opts.scoring.backend:
+            how = ("; incremental (each stream's features of the overlap computed once)"
+                   if monitor.scoring.scorer.incremental is not None else "; every window in full")
         console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {stream.mode}, "
-                      f"window {stream.window_s:g}s, hop {stream.hop_s:g}s{batch}", highlight=False)
+                      f"window {stream.window_s:g}s, hop {stream.hop_s:g}s{batch}{how}", highlight=False)
         for x in monitor.scoring.extra:
             console.print(f"  and [bold]{x.scorer.model.describe()}[/]: {', '.join(x.names)}; window "
                           f"{x.stream.window_s:g}s, hop {x.stream.hop_s:g}s", highlight=False)

@@ -418,7 +418,8 @@ class Engine:
     async def _run(self, model: ModelLane, batch: list[tuple[StreamCore, Window]]) -> None:
         try:
             lane = model.index
-            outcome = await model.runner.run([w.audio for _, w in batch], [core.lanes[lane].state for core, _ in batch])
+            outcome = await model.runner.run([w.audio for _, w in batch], [core.lanes[lane].state for core, _ in batch],
+                                             [w.start for _, w in batch])
             if outcome.took is not None:
                 self._ran(model, len(batch), outcome.took)
             self._resolve(model, batch, outcome)

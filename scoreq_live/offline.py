@@ -137,7 +137,7 @@ def _window_events(audio: np.ndarray | Iterable[np.ndarray], scorer: Scorer, con
             mine = [w for w in windows if w.lane == i]
             if not mine:
                 continue
-            named = sc.score_named([w.audio for w in mine], [core.lanes[i].state] * len(mine))
+            named = sc.score_named([w.audio for w in mine], [core.lanes[i].state] * len(mine), [w.start for w in mine])
             for w, row in zip(mine, named):
                 core.resolve(w, float(row[0]), None, dict(zip(sc.names, (float(x) for x in row))))
         events.extend(core.drain(0.0, 0.0))

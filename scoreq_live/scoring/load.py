@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from scoreq_live.scoring.references import StoredReference
     from scoreq_live.scoring.session import OnnxModel
     from scoreq_live.scoring.spec import ModelSpec
+    from scoreq_live.scoring.streaming import IncrementalDistillMos
     from scoreq_live.scoring.triton import TritonModel
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class ScoringOptions:
     backend: str | None = None
     backend_fallback: Literal["local"] | None = None
     backend_timeout_s: float | None = None  # a request's deadline; None: see backend_timeout()
+    # Distill-MOS on its native window, on this machine: compute each stream's CNN features of the overlap
+    # between consecutive windows once (exact; scoring/streaming.py).  False: every window in full.
+    incremental: bool = True
 
 
 def backend_timeout(opts: ScoringOptions, hop_s: float, fast: bool = False) -> float:
@@ -186,7 +190,35 @@ def load_scorer(opts: ScoringOptions, progress: Progress | None = None, fast: bo
     plan = plan_for(model, spec.padded_length(round(config.window_s * spec.sample_rate)),
                     opts.max_batch or MAX_BATCH, given=opts.max_batch)
     log.info("%s", plan.describe())
-    return LoadedScorer(Scorer(model, reference, plan=plan), config, model, extra=extra)
+    incremental = _incremental(spec, model, config, opts, plan.cap)
+    return LoadedScorer(Scorer(model, reference, plan=plan, incremental=incremental), config, model, extra=extra)
+
+
+INCREMENTAL_MODELS = {"distillmos"}  # models with a streaming split (their CNN and head graphs are bundled)
+
+
+def _incremental(spec: ModelSpec, model: OnnxModel, config: StreamConfig, opts: ScoringOptions,
+                 max_batch: int) -> IncrementalDistillMos | None:
+    """Exact streaming inference for Distill-MOS on its native window, unless ``--no-incremental``."""
+    from scoreq_live.scoring.session import session_options
+    from scoreq_live.scoring.streaming import IncrementalDistillMos
+
+    if not opts.incremental or spec.name not in INCREMENTAL_MODELS or spec.file is None:
+        return None
+    if spec.input_samples is None or round(config.window_s * spec.sample_rate) != spec.input_samples:
+        log.info("incremental scoring needs %s's native window (%gs): every window is scored in full", spec.name,
+                 spec.native_window_s)
+        return None
+    import onnxruntime as ort
+
+    folder = spec.file.parent
+    files = [folder / f"{spec.name}-cnn.onnx", folder / f"{spec.name}-head.onnx"]
+    if not all(f.is_file() for f in files):
+        return None
+    providers = model.session.get_providers()
+    cnn, head = (ort.InferenceSession(str(f), sess_options=session_options(opts.threads), providers=providers)
+                 for f in files)
+    return IncrementalDistillMos(model.session, cnn, head, max_batch=max_batch)
 
 
 def load_extra(opts: ScoringOptions, first: StreamConfig, progress: Progress | None = None) -> list[ExtraModel]:

@@ -88,8 +88,10 @@ class Runner(abc.ABC):
         """Before the first batch (``publish`` takes status events, ``now`` gives Unix time)."""
 
     @abc.abstractmethod
-    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> Outcome:
-        """Score a batch (``states``: each window's stream's); a failure is an outcome (``error``), never raised."""
+    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None,
+                  starts: Sequence[int] | None = None) -> Outcome:
+        """Score a batch (``states``: each window's stream's; ``starts``: each window's first sample in its
+        stream); a failure is an outcome (``error``), never raised."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -109,18 +111,21 @@ class LocalRunner(Runner):
     def new_state(self) -> Any:
         return self.full.new_state() if self.full is not None else None
 
-    def _score(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None) -> np.ndarray:
+    def _score(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None,
+               starts: Sequence[int] | None = None) -> np.ndarray:
         if self.full is not None:
-            return self.full.score_named(windows, states)
+            return self.full.score_named(windows, states, starts)
         return np.asarray(self.scorer.score(windows), dtype=np.float64).reshape(-1, 1)
 
     async def start(self, publish: Callable[[BackendStatus], None], now: Callable[[], float]) -> None:
         return None  # nothing to connect to, no state to report
 
-    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> Outcome:
+    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None,
+                  starts: Sequence[int] | None = None) -> Outcome:
         t0 = time.perf_counter()
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score, windows, states)
+            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score, windows, states,
+                                                                      starts)
         except Exception as e:
             log.error("scoring a batch of %d windows failed: %s", len(windows), e)
             return Outcome.failed(len(windows), ERROR, time.perf_counter() - t0)
@@ -157,7 +162,8 @@ class RemoteRunner(Runner):
     def new_state(self) -> Any:
         return self.scorer.new_state()
 
-    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> Outcome:
+    async def run(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None,
+                  starts: Sequence[int] | None = None) -> Outcome:
         if self.health.up:
             t0 = time.perf_counter()
             try:
@@ -170,7 +176,7 @@ class RemoteRunner(Runner):
             else:
                 return Outcome.scored(scores, time.perf_counter() - t0)
         if self.fallback is not None:
-            return await self.fallback.run(windows, states)
+            return await self.fallback.run(windows, states, starts)
         # Skipped at once, not a model run: no request was made for them.
         return Outcome.failed(len(windows), BACKEND_UNAVAILABLE)
 

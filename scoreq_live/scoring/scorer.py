@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.batching import BatchPlan
 from scoreq_live.scoring.families import Family, family_for, pad_window
 from scoreq_live.scoring.spec import Mode, ModelSpec
+
+if TYPE_CHECKING:
+    from scoreq_live.scoring.streaming import IncrementalDistillMos
 
 __all__ = ["AsyncModel", "BackendUnavailable", "Model", "Reference", "RemoteScorer", "Scorer", "batches",
            "pad_window", "run_windows"]
@@ -79,8 +82,12 @@ class Scorer:
     """MOS (mode ``nr``) or distance to a reference (mode ``ref``) for each window."""
 
     def __init__(self, model: Model, reference: Reference | None = None, max_batch: int = 16,
-                 plan: BatchPlan | None = None) -> None:
+                 plan: BatchPlan | None = None, incremental: IncrementalDistillMos | None = None) -> None:
         self.model = model
+        # Exact streaming inference (Distill-MOS): each stream's CNN features are kept between its windows.
+        self.incremental = incremental
+        self.incremental_counts: dict[str, Any] = {"windows": 0, "incremental": 0, "recomputed": 0, "fallback": 0,
+                                                   "reasons": {}}
         self.spec = model.spec
         if self.spec.kind == "embedding" and reference is None:
             raise ValueError(f"model {self.spec.name!r} outputs embeddings: ref mode needs a reference")
@@ -114,17 +121,32 @@ class Scorer:
         return self.family.names
 
     def new_state(self) -> Any:
-        """What the model's family keeps per stream between windows (``None``: nothing)."""
+        """What the model keeps per stream between windows (``None``: nothing): its family's, or the feature cache."""
+        if self.incremental is not None:
+            from scoreq_live.scoring.streaming import StreamCache
+
+            return StreamCache()
         return self.family.new_state()
 
     def embed(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> np.ndarray:
         """Raw model outputs ``[N, D]``."""
         return run_windows(self.model, windows, self.plan, self.family, states)
 
-    def score_named(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None) -> np.ndarray:
-        """Every named score of each window, ``[N, len(names)]`` (see :attr:`names`)."""
+    def score_named(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None,
+                    starts: Sequence[int] | None = None) -> np.ndarray:
+        """Every named score of each window, ``[N, len(names)]`` (see :attr:`names`).
+
+        ``starts``: each window's first sample in its stream; with them (and ``states`` from
+        :meth:`new_state`) an incremental scorer reuses each stream's features of the overlap.
+        """
         if len(windows) == 0:
             return np.zeros((0, len(self.names)), dtype=np.float64)
+        if self.incremental is not None and starts is not None and states is not None:
+            from scoreq_live.scoring.streaming import merge_counters
+
+            mos, counts = self.incremental.score(windows, starts, states)
+            merge_counters(self.incremental_counts, counts)
+            return np.asarray(mos, np.float64).reshape(-1, 1)
         return self.family.named(self.embed(windows, states))
 
     def score(self, windows: Sequence[np.ndarray]) -> np.ndarray:
