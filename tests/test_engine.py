@@ -133,11 +133,11 @@ async def test_a_scorer_failure_marks_windows_and_keeps_going(tiny_nr, data):
     class Flaky(Scorer):
         calls = 0
 
-        def score_named(self, windows, states=None):  # what the engine runs: every named score
+        def score_named(self, windows, states=None, starts=None):  # what the engine runs: every named score
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("device lost")
-            return super().score_named(windows, states)
+            return super().score_named(windows, states, starts)
 
     scorer = Flaky(OnnxModel(resolve_model(str(tiny_nr)), device="cpu"), max_batch=1)
     cfg = EngineConfig(stream=StreamConfig(window_s=2.0, hop_s=1.0, model="tiny"), max_batch=1, fast=True)
