@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,9 +18,7 @@ from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.batching import BatchPlan
 from scoreq_live.scoring.families import Family, family_for, pad_window
 from scoreq_live.scoring.spec import Mode, ModelSpec
-
-if TYPE_CHECKING:
-    from scoreq_live.scoring.streaming import IncrementalDistillMos
+from scoreq_live.scoring.streaming import IncrementalDistillMos, StreamCache, merge_counters
 
 __all__ = ["AsyncModel", "BackendUnavailable", "Model", "Reference", "RemoteScorer", "Scorer", "batches",
            "pad_window", "run_windows"]
@@ -123,8 +121,6 @@ class Scorer:
     def new_state(self) -> Any:
         """What the model keeps per stream between windows (``None``: nothing): its family's, or the feature cache."""
         if self.incremental is not None:
-            from scoreq_live.scoring.streaming import StreamCache
-
             return StreamCache()
         return self.family.new_state()
 
@@ -142,8 +138,6 @@ class Scorer:
         if len(windows) == 0:
             return np.zeros((0, len(self.names)), dtype=np.float64)
         if self.incremental is not None and starts is not None and states is not None:
-            from scoreq_live.scoring.streaming import merge_counters
-
             mos, counts = self.incremental.score(windows, starts, states)
             merge_counters(self.incremental_counts, counts)
             return np.asarray(mos, np.float64).reshape(-1, 1)
