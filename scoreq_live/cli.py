@@ -351,8 +351,9 @@ def cmd_monitor(a: argparse.Namespace) -> int:
         plan = getattr(monitor.scoring.scorer, "plan", None)
         batch = f", batch sizes {'/'.join(map(str, plan.sizes))} ({plan.source})" if plan is not None else ""
         how = ""
-        if stream.model in INCREMENTAL_MODELS and not opts.scoring.backend:
-            how = ("; incremental (each stream's features of the overlap computed once)"
+        if stream.model in INCREMENTAL_MODELS:
+            where = " on the server, features kept here" if opts.scoring.backend else ""
+            how = (f"; incremental{where} (each stream's features of the overlap computed once)"
                    if monitor.scoring.scorer.incremental is not None else "; every window in full")
         console.print(f"scoring with [bold]{model.describe()}[/]{why}; mode {stream.mode}, "
                       f"window {stream.window_s:g}s, hop {stream.hop_s:g}s{batch}{how}", highlight=False)

@@ -41,6 +41,22 @@ def test_triton_repo_writes_a_repository_triton_can_parse(tmp_path, capsys):
     # The model file is the catalogue's, under Triton's layout, and runs.
     sess = ort.InferenceSession(str(root / "distillmos" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"audio": np.zeros((1, 122_880), np.float32)})[0].shape == (1, 1)
+    # Distill-MOS's streaming split beside it, for monitors that cache features: CNN blocks of any length
+    # (with the window's peak) and heads over 384 frames.
+    cnn, head = (read_config(root / f"distillmos-{g}" / "config.pbtxt") for g in ("cnn", "head"))
+    assert [(i.name, list(i.dims)) for i in cnn.input] == [("audio", [-1]), ("peak", [1])]
+    assert [(o.name, list(o.dims)) for o in cnn.output] == [("features", [-1, 1024])]
+    assert [(i.name, list(i.dims)) for i in head.input] == [("features", [384, 1024])]
+    assert [(o.name, list(o.dims)) for o in head.output] == [("mos", [1])]
+    assert (cnn.max_batch_size, head.instance_group[0].count) == (32, 3)
+    assert not (root / "distillmos-embedding-cnn").exists()  # only models with a split get one
+    x = np.random.default_rng(0).standard_normal((1, 122_880)).astype(np.float32) * 0.1
+    feats = ort.InferenceSession(str(root / "distillmos-cnn" / "1" / "model.onnx"),
+                                 providers=["CPUExecutionProvider"]).run(None, {"audio": x, "peak": np.abs(x).max(
+                                     1, keepdims=True)})[0]
+    mos = ort.InferenceSession(str(root / "distillmos-head" / "1" / "model.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, {"features": feats})[0]
+    assert abs(float(mos[0, 0]) - float(sess.run(None, {"audio": x})[0][0, 0])) < 1e-4  # head(cnn(x)) is the model
 
 
 def test_triton_repo_takes_the_batcher_from_a_bench_report_and_writes_fp16(tmp_path):

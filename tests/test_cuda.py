@@ -72,3 +72,19 @@ def test_bench_on_the_gpu(tmp_path):
     assert rep["device"] == "cuda" and rep["provider"] == "CUDAExecutionProvider"
     assert rep["capacity_streams"] >= 1
     print(r.stdout)
+
+
+def test_incremental_distillmos_on_the_gpu_equals_the_full_model(windows):
+    """The streaming split's sessions take the full model's providers: on CUDA, the same scores as in full."""
+    from scoreq_live.scoring.load import ScoringOptions, load_scorer
+
+    inc = load_scorer(ScoringOptions(device="cuda", max_batch=4))
+    full = load_scorer(ScoringOptions(device="cuda", max_batch=4, incremental=False))
+    assert inc.scorer.incremental is not None and full.scorer.incremental is None
+    sessions = (inc.scorer.incremental.cnn, inc.scorer.incremental.head)  # type: ignore[attr-defined]
+    assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions)
+    cache = inc.scorer.new_state()
+    got = np.concatenate([inc.scorer.score_named([w], [cache], [k * 16000])[:, 0] for k, w in enumerate(windows)])
+    want = full.scorer.score(windows)
+    assert inc.scorer.incremental_counts["incremental"] > 0
+    assert np.max(np.abs(got - want)) < 5e-3, np.abs(got - want)

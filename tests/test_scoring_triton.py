@@ -31,6 +31,11 @@ NR = BUNDLED_DIR / "distillmos.onnx"
 EMB = BUNDLED_DIR / "distillmos-embedding.onnx"
 MODELS = {
     "distillmos": (NR, "audio", "mos"),
+    # Its streaming split, as 'models triton-repo' serves it beside it: monitors keep the feature caches.
+    "distillmos-cnn": (BUNDLED_DIR / "distillmos-cnn.onnx", "audio+peak", "features"),
+    "distillmos-head": (BUNDLED_DIR / "distillmos-head.onnx", "features", "mos"),
+    # The same model without its split beside it.
+    "plain": (NR, "audio", "mos"),
     "distillmos-embedding": (EMB, "audio", "embedding"),
     # The embedding model under a MOS model's name: what a mislabelled deployment looks like.
     "mislabelled": (EMB, "audio", "embedding"),
@@ -103,25 +108,65 @@ async def test_reference_mode_embeds_on_triton_and_measures_distances_locally(se
     await remote.model.aclose()  # type: ignore[union-attr]
 
 
+async def run_files(loaded) -> list:
+    """Every event of a ``--fast`` run of two real speech files through ``loaded``'s scorer."""
+    files = [f"a={EXAMPLES / 'clean.wav'}", f"b={EXAMPLES / 'lyra3.wav'}"]
+    bus = EventBus()
+    sub = bus.subscribe()
+    engine = Engine(loaded.scorer, open_inputs(files, fast=True),
+                    EngineConfig(stream=loaded.stream, max_batch=4, fast=True), bus)
+    await engine.run()
+    return [ev async for ev in sub]
+
+
 async def test_engine_scores_files_through_triton_as_it_does_locally(server):
     opts = ScoringOptions(hop_s=2.0, device="cpu", max_batch=4)
     remote = load_scorer(replace(opts, backend=server.url("distillmos"), backend_timeout_s=60.0), fast=True)
     local = load_scorer(opts)
-    files = [f"a={EXAMPLES / 'clean.wav'}", f"b={EXAMPLES / 'lyra3.wav'}"]
-    results = []
-    for loaded in (remote, local):
-        bus = EventBus()
-        sub = bus.subscribe()
-        engine = Engine(loaded.scorer, open_inputs(files, fast=True),
-                        EngineConfig(stream=loaded.stream, max_batch=4, fast=True), bus)
-        await engine.run()
-        results.append([ev async for ev in sub])
+    results = [await run_files(loaded) for loaded in (remote, local)]
     got, want = ({(e.stream, e.window): e.mos for e in evs if isinstance(e, ScoreEvent)} for evs in results)
     assert got.keys() == want.keys() and len(got) > 10
     assert all(v is not None for v in got.values())
     assert max(abs(got[k] - want[k]) for k in got) < 1e-5  # type: ignore[operator]
     status = [e for e in results[0] if isinstance(e, BackendStatus)]
     assert [(s.state, s.backend, s.stream) for s in status] == [("up", server.url("distillmos"), "")]
+
+
+async def test_incremental_scoring_runs_the_split_on_the_server_and_equals_the_full_model(server, caplog):
+    """Feature caches on the monitor, CNN blocks and heads on Triton: the full model's scores, and the server
+    runs the full model only for what the local path runs it for (a stream's short last window)."""
+    opts = ScoringOptions(device="cpu", max_batch=4)
+    remote = load_scorer(replace(opts, backend=server.url("distillmos"), backend_timeout_s=60.0), fast=True)
+    full = load_scorer(replace(opts, incremental=False), fast=True)
+    assert isinstance(remote.scorer, RemoteScorer) and remote.scorer.incremental is not None
+    before = {m: executed(server, m) for m in ("distillmos", "distillmos-cnn", "distillmos-head")}
+    results = [await run_files(loaded) for loaded in (remote, full)]
+    got, want = ({(e.stream, e.window): e.mos for e in evs if isinstance(e, ScoreEvent)} for evs in results)
+    assert got.keys() == want.keys() and len(got) > 30
+    assert all(v is not None for v in got.values())
+    diff = max(abs(got[k] - want[k]) for k in got)  # type: ignore[operator]
+    counts = remote.scorer.incremental_counts
+    print(f"\nthrough Triton: {counts}, max |incremental - full| = {diff:.2e}")
+    assert diff < 1e-4
+    assert counts["incremental"] > counts["windows"] // 2
+    ran = {m: executed(server, m) - n for m, n in before.items()}
+    assert ran["distillmos-head"] == counts["incremental"] + counts["recomputed"]
+    assert ran["distillmos"] == counts["fallback"] <= 2  # the two streams' tails at most
+    assert ran["distillmos-cnn"] >= 2 * counts["incremental"]  # a new block and a front edge each
+    # The blocking path (`score`, references) runs the same plan.
+    caches = [remote.scorer.new_state()]
+    x = speech_16k(EXAMPLES / "lyra3.wav")
+    w = [x[k * 16000:k * 16000 + 122_880] for k in range(4)]
+    one = [remote.scorer.score_named([w[k]], caches, [k * 16000])[0, 0] for k in range(4)]
+    assert np.abs(np.array(one) - full.scorer.score(w)).max() < 1e-4
+    assert caches[0].start == 3 * 16000
+    # A server without the split beside the model: said once, every window in full there.
+    with caplog.at_level("WARNING"):
+        plain = load_scorer(replace(opts, backend=server.url("plain"), backend_timeout_s=60.0), fast=True)
+    assert plain.scorer.incremental is None
+    assert "no ready model 'plain-cnn'" in caplog.text and "every window is scored in full" in caplog.text
+    for loaded in (remote, plain):
+        await loaded.scorer.aclose()  # type: ignore[attr-defined]
 
 
 def executed(server: TritonServer, model: str = "distillmos") -> int:
@@ -157,6 +202,7 @@ def test_two_monitors_share_the_server_and_get_merged_batches(server, tmp_path):
             [sys.executable, "-m", "scoreq_live", "monitor",
              *[a for k in range(3) for a in ("-i", f"{name}-{k}={EXAMPLES / 'clean.wav'}")], "--fast",
              "--no-tui", "--no-ws", "-q", "--hop", "0.5", "--max-batch", "1", "--backend", server.url("distillmos"),
+             "--no-incremental",  # every window is a run of the full model: the batches counted here
              "--backend-timeout", "600", "--jsonl", str(out)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         return procs[-1]

@@ -24,6 +24,7 @@ from scoreq_live.scoring.streaming import (
     IncrementalDistillMos,
     StreamCache,
     merge_counters,
+    plan_scoring,
 )
 
 SR = 16000
@@ -218,3 +219,32 @@ def test_cache_memory_is_bounded(scorer, stream, starts):
     coarse = StreamCache(hop=2 * HOP)
     run_stream(scorer, stream, starts[:3:2], cache=coarse)
     assert coarse.nbytes == (INTERIOR_FRAMES - 2 * HOP // FRAME) * per_frame
+
+
+def test_runs_of_one_stream_in_flight_together_stay_exact(scorer, stream, starts):
+    """A server may have several calls of one stream in flight: each window is assembled from what the cache
+    held when it was planned, and a later window's features are not overwritten by an earlier one's."""
+    graphs = {"full": scorer.full, "cnn": scorer.cnn, "head": scorer.head}
+
+    def run(calls):
+        return [scorer._run(graphs[c.graph], c.feeds) for c in calls]
+
+    cache = StreamCache()
+    first = scorer.score([stream[:WINDOW]], [0], [cache])[0]
+    # Windows 1..3 planned together, then answered one after another out of order: window 3 is assembled after
+    # window 2 stored its features, and window 1 comes back last.
+    order = [2, 3, 1]
+    plans = {k: plan_scoring([stream[k * HOP : k * HOP + WINDOW]], [k * HOP], [cache]) for k in order}
+    pending = {k: next(p) for k, p in plans.items()}
+    mos = {0: float(first[0])}
+    for k in order:
+        try:
+            while True:
+                pending[k] = plans[k].send(run(pending[k]))
+        except StopIteration as done:
+            mos[k] = float(done.value[0][0])
+    want = full_mos(scorer, [stream[k * HOP : k * HOP + WINDOW] for k in range(4)])
+    assert np.max(np.abs(np.array([mos[k] for k in range(4)]) - want)) <= MOS_TOLERANCE
+    assert cache.start == 3 * HOP  # the latest window's features are what the cache keeps
+    m, c = scorer.score([stream[4 * HOP : 4 * HOP + WINDOW]], [4 * HOP], [cache])
+    assert abs(float(m[0]) - float(full_mos(scorer, [stream[4 * HOP : 4 * HOP + WINDOW]])[0])) <= MOS_TOLERANCE

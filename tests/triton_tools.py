@@ -58,15 +58,17 @@ def callable_for(file, inp, out):
     so.intra_op_num_threads = 1  # the test machine is small; many clients share it
     so.log_severity_level = 3
     sess = ort.InferenceSession(file, sess_options=so, providers=["CPUExecutionProvider"])
+    # INPUT may be several names joined by "+" (a graph of a streaming split: audio+peak).
+    names = inp.split("+")
+    shapes = {i.name: tuple(d if isinstance(d, int) else -1 for d in i.shape[1:]) for i in sess.get_inputs()}
+    o = [x for x in sess.get_outputs() if x.name == out][0]
 
     @batch
     def infer(**inputs):
-        x = inputs[inp].astype(np.float32)
-        return {out: sess.run([out], {inp: x})[0].astype(np.float32)}
+        return {out: sess.run([out], {n: inputs[n].astype(np.float32) for n in names})[0].astype(np.float32)}
 
-    dims = sess.get_outputs()[0].shape[1]
-    in_len = sess.get_inputs()[0].shape[1]
-    return infer, (in_len if isinstance(in_len, int) else -1,), (dims if isinstance(dims, int) else -1,)
+    return infer, [Tensor(name=n, dtype=np.float32, shape=shapes[n]) for n in names], \
+        [Tensor(name=out, dtype=np.float32, shape=tuple(d if isinstance(d, int) else -1 for d in o.shape[1:]))]
 
 
 config = TritonConfig(grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
@@ -75,10 +77,8 @@ with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpo
     for m in a.model:
         name, rest = m.split("=", 1)
         file, inp, out = rest.rsplit(":", 2)
-        fn, in_shape, out_shape = callable_for(file, inp, out)
-        t.bind(model_name=name, infer_func=fn,
-               inputs=[Tensor(name=inp, dtype=np.float32, shape=in_shape)],
-               outputs=[Tensor(name=out, dtype=np.float32, shape=out_shape)],
+        fn, inputs, outputs = callable_for(file, inp, out)
+        t.bind(model_name=name, infer_func=fn, inputs=inputs, outputs=outputs,
                config=ModelConfig(max_batch_size=a.max_batch,
                                   batcher=DynamicBatcher(max_queue_delay_microseconds=a.delay_us)),
                strict=True)
@@ -113,7 +113,8 @@ def pytriton_python() -> Path:
 class TritonServer:
     """A PyTriton server process on loopback ports; :meth:`start` and :meth:`stop` may be repeated."""
 
-    models: dict[str, tuple[Path, str, str]]  # Triton name -> (ONNX file, input name, output name)
+    # Triton name -> (ONNX file, input name (several joined by '+'), output name)
+    models: dict[str, tuple[Path, str, str]]
     # PyTriton's workspace, with unix sockets in it: keep the path short (a socket path has at most 107 bytes,
     # so pytest's per-test tmp_path is too long; tmp_path_factory.mktemp("tr") is fine).
     home: Path

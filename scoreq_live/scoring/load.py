@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from scoreq_live.scoring.session import OnnxModel
     from scoreq_live.scoring.spec import ModelSpec
     from scoreq_live.scoring.streaming import IncrementalDistillMos
-    from scoreq_live.scoring.triton import TritonModel
+    from scoreq_live.scoring.triton import TritonIncremental, TritonModel
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,35 @@ def _remote_scorer(model: TritonModel, local: OnnxModel | None, reference: Refer
     from scoreq_live.scoring.batching import BatchPlan
 
     cap = opts.max_batch or MAX_BATCH
-    fallback = Scorer(local, reference, plan=BatchPlan.up_to(cap)) if local is not None else None
-    return LoadedScorer(RemoteScorer(model, reference, plan=BatchPlan.up_to(cap)), config, model, fallback)
+    incremental = _remote_incremental(model, config, opts)
+    fallback = None
+    if local is not None:
+        # The fallback keeps the same feature caches going while the server is lost.
+        local_incremental = _incremental(local.spec, local, config, opts, cap) if incremental else None
+        fallback = Scorer(local, reference, plan=BatchPlan.up_to(cap), incremental=local_incremental)
+    scorer = RemoteScorer(model, reference, plan=BatchPlan.up_to(cap), incremental=incremental)
+    return LoadedScorer(scorer, config, model, fallback)
+
+
+def _remote_incremental(model: TritonModel, config: StreamConfig, opts: ScoringOptions) -> TritonIncremental | None:
+    """Exact streaming inference on the server (``NAME-cnn`` and ``NAME-head`` beside ``NAME``), when it has them."""
+    from scoreq_live.scoring.spec import ModelError
+    from scoreq_live.scoring.triton import TritonIncremental
+
+    spec = model.spec
+    if not opts.incremental or spec.name not in INCREMENTAL_MODELS:
+        return None
+    if spec.input_samples is None or round(config.window_s * spec.sample_rate) != spec.input_samples:
+        log.info("incremental scoring needs %s's native window (%gs): every window is scored in full", spec.name,
+                 spec.native_window_s)
+        return None
+    try:
+        # A server not reachable at start (scoring locally meanwhile) is checked for them when it answers.
+        return TritonIncremental.beside(model, connect=model.connected)
+    except ModelError as e:
+        log.warning("%s: every window is scored in full there ('scoreq-live models triton-repo' writes the "
+                    "streaming graphs beside %s)", e, spec.name)
+        return None
 
 
 def _split_references(refs: Sequence[str]) -> tuple[list[str], list[StoredReference]]:

@@ -167,7 +167,7 @@ class RemoteRunner(Runner):
         if self.health.up:
             t0 = time.perf_counter()
             try:
-                scores = await self.scorer.score_named_async(windows, states)
+                scores = await self.scorer.score_named_async(windows, states, starts)
             except BackendUnavailable as e:
                 self._lost(str(e))
             except Exception as e:

@@ -18,7 +18,7 @@ from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.batching import BatchPlan
 from scoreq_live.scoring.families import Family, family_for, pad_window
 from scoreq_live.scoring.spec import Mode, ModelSpec
-from scoreq_live.scoring.streaming import IncrementalDistillMos, StreamCache, merge_counters
+from scoreq_live.scoring.streaming import StreamCache, merge_counters
 
 __all__ = ["AsyncModel", "BackendUnavailable", "Model", "Reference", "RemoteScorer", "Scorer", "batches",
            "pad_window", "run_windows"]
@@ -76,11 +76,29 @@ class Reference:
         return d.mean(axis=1)
 
 
+class Incremental(Protocol):
+    """Exact streaming scoring (Distill-MOS): windows with their starts and their streams' feature caches."""
+
+    def score(self, windows: Sequence[np.ndarray], starts: Sequence[int],
+              caches: Sequence[StreamCache | None]) -> tuple[np.ndarray, dict]: ...
+
+
+class AsyncIncremental(Incremental, Protocol):
+    """The same with the model runs on an inference server."""
+
+    async def score_async(self, windows: Sequence[np.ndarray], starts: Sequence[int],
+                          caches: Sequence[StreamCache | None]) -> tuple[np.ndarray, dict]: ...
+
+    async def probe_async(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Scorer:
     """MOS (mode ``nr``) or distance to a reference (mode ``ref``) for each window."""
 
     def __init__(self, model: Model, reference: Reference | None = None, max_batch: int = 16,
-                 plan: BatchPlan | None = None, incremental: IncrementalDistillMos | None = None) -> None:
+                 plan: BatchPlan | None = None, incremental: Incremental | None = None) -> None:
         self.model = model
         # Exact streaming inference (Distill-MOS): each stream's CNN features are kept between its windows.
         self.incremental = incremental
@@ -177,9 +195,11 @@ class RemoteScorer(Scorer):
     """
 
     def __init__(self, model: AsyncModel, reference: Reference | None = None, max_batch: int = 16,
-                 plan: BatchPlan | None = None) -> None:
-        super().__init__(model, reference, max_batch, plan)
+                 plan: BatchPlan | None = None, incremental: AsyncIncremental | None = None) -> None:
+        super().__init__(model, reference, max_batch, plan, incremental)
         self.remote: AsyncModel = model
+        # The server runs the streaming split's graphs; each stream's feature cache stays here.
+        self.remote_incremental = incremental
 
     @property
     def backend(self) -> str:
@@ -191,14 +211,18 @@ class RemoteScorer(Scorer):
         """Whether the server answered at start (else the engine starts with it lost)."""
         return self.remote.connected
 
-    async def score_named_async(self, windows: Sequence[np.ndarray],
-                                states: Sequence[Any] | None = None) -> np.ndarray:
+    async def score_named_async(self, windows: Sequence[np.ndarray], states: Sequence[Any] | None = None,
+                                starts: Sequence[int] | None = None) -> np.ndarray:
         """:meth:`score_named` over the network: the runs of one call are sent together, not one after another.
 
         Raises :class:`BackendUnavailable` when the server cannot be reached in time.
         """
         if len(windows) == 0:
             return np.zeros((0, len(self.names)), dtype=np.float64)
+        if self.remote_incremental is not None and starts is not None and states is not None:
+            mos, counts = await self.remote_incremental.score_async(windows, starts, states)
+            merge_counters(self.incremental_counts, counts)
+            return np.asarray(mos, np.float64).reshape(-1, 1)
         parts = list(self.family.batches(windows, self.plan, states))
         outs = await asyncio.gather(*(self.remote.run_async(b) for _, b in parts))
         y = np.empty((len(windows), outs[0].shape[1]), dtype=np.float32)
@@ -213,10 +237,14 @@ class RemoteScorer(Scorer):
     async def probe(self) -> None:
         """Check that the server can serve again (raises :class:`BackendUnavailable` when not)."""
         await self.remote.probe_async()
+        if self.remote_incremental is not None:
+            await self.remote_incremental.probe_async()
 
     async def aclose(self) -> None:
         """Close the connection to the server."""
         await self.remote.aclose()
+        if self.remote_incremental is not None:
+            await self.remote_incremental.aclose()
 
 
 class BackendUnavailable(ScoreqLiveError):

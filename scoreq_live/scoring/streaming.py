@@ -45,9 +45,11 @@ This module needs numpy and onnxruntime only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -87,10 +89,12 @@ class StreamCache:
         if hop <= 0:
             raise ValueError("hop must be positive")
         self.hop = int(hop)
+        self.version = 0  # counts every change of what the cache holds
         self.clear()
 
     def clear(self) -> None:
         """Drop everything: the next window is scored in full."""
+        self.version += 1
         self.frames: np.ndarray | None = None  # [n, 1024] float32, frames first..first+n-1
         self.first = 0  # absolute index of frames[0]
         self.peak: np.float32 | None = None
@@ -106,8 +110,15 @@ class StreamCache:
         """Absolute frame index of a window start on this cache's grid."""
         return (start - self.phase) // FRAME
 
-    def _store(self, start: int, peak: np.float32, interior: np.ndarray) -> None:
-        """Keep the interior frames of the window at ``start`` that the next window can use."""
+    def _store(self, start: int, peak: np.float32, interior: np.ndarray, planned: int | None = None) -> None:
+        """Keep the interior frames of the window at ``start`` that the next window can use.
+
+        ``planned``: the :attr:`version` the window was planned under. When another pass stored a later
+        window meanwhile (runs of one stream in flight together on a server), that one is kept.
+        """
+        if planned is not None and planned != self.version and self.start is not None and start <= self.start:
+            return
+        self.version += 1
         if self.start is None or (start - self.phase) % FRAME:
             self.phase = start % FRAME
         keep_from = min(max(1, self.hop // FRAME), INTERIOR_FRAMES)
@@ -193,11 +204,6 @@ class IncrementalDistillMos:
         ]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _cnn(self, blocks: list[np.ndarray], peaks: list[np.float32]) -> np.ndarray:
-        audio = np.stack(blocks)
-        peak = np.asarray(peaks, dtype=np.float32).reshape(-1, 1)
-        return self._run(self.cnn, {"audio": audio, "peak": peak})
-
     # ---------------------------------------------------------------- scoring
 
     def score(
@@ -217,99 +223,166 @@ class IncrementalDistillMos:
         Returns (``mos`` float32 [N], counters: ``windows``, ``incremental``,
         ``recomputed``, ``fallback`` and ``reasons`` {reason: count}).
         """
-        n = len(windows)
-        if len(starts) != n or len(caches) != n:
-            raise ValueError("windows, starts and caches must have the same length")
-        mos = np.zeros(n, dtype=np.float32)
-        counters: dict = {"windows": n, "incremental": 0, "recomputed": 0, "fallback": 0, "reasons": {}}
-        # A cache may be used once per pass; a stream's later windows go into later passes.
-        rounds: list[list[int]] = []
-        seen: dict[int, int] = {}
-        for i, cache in enumerate(caches):
-            r = 0 if cache is None else seen.get(id(cache), 0)
+        graphs = {"full": self.full, "cnn": self.cnn, "head": self.head}
+        return drive(plan_scoring(windows, starts, caches), lambda c: self._run(graphs[c.graph], c.feeds))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model run the incremental scorer needs: which graph (``full``, ``cnn``, ``head``) on which inputs."""
+
+    graph: Graph
+    feeds: dict[str, np.ndarray]
+
+
+Graph = Literal["full", "cnn", "head"]
+Steps = Generator[list[Call], list[np.ndarray], tuple[np.ndarray, dict]]
+
+
+def plan_scoring(windows: Sequence[np.ndarray], starts: Sequence[int],
+                 caches: Sequence[StreamCache | None]) -> Steps:
+    """The incremental scorer without its models: yields the model runs it needs, takes back their outputs.
+
+    A generator: each ``yield`` is a list of independent :class:`Call` (run
+    them in any order or at once); ``send`` their outputs, in that order.
+    Its return value is :meth:`IncrementalDistillMos.score`'s. The caches
+    change only once a pass's heads are back, so a run that fails midway
+    (an exception thrown in, or the generator dropped) leaves every cache as
+    it was before that pass. Local sessions and an inference server drive
+    the same plan.
+    """
+    n = len(windows)
+    if len(starts) != n or len(caches) != n:
+        raise ValueError("windows, starts and caches must have the same length")
+    mos = np.zeros(n, dtype=np.float32)
+    counters: dict = {"windows": n, "incremental": 0, "recomputed": 0, "fallback": 0, "reasons": {}}
+    # A cache may be used once per pass; a stream's later windows go into later passes.
+    rounds: list[list[int]] = []
+    seen: dict[int, int] = {}
+    for i, cache in enumerate(caches):
+        r = 0 if cache is None else seen.get(id(cache), 0)
+        if cache is not None:
+            seen[id(cache)] = r + 1
+        while len(rounds) <= r:
+            rounds.append([])
+        rounds[r].append(i)
+    for idx in rounds:
+        yield from _plan_pass(idx, windows, starts, caches, mos, counters)
+    return mos, counters
+
+
+def drive(steps: Steps, run: Callable[[Call], np.ndarray]) -> tuple[np.ndarray, dict]:
+    """Carry out a plan with a blocking ``run``, one call after another."""
+    try:
+        calls = next(steps)
+        while True:
+            calls = steps.send([run(c) for c in calls])
+    except StopIteration as done:
+        return done.value
+
+
+async def drive_async(steps: Steps, run: Callable[[Call], Awaitable[np.ndarray]]) -> tuple[np.ndarray, dict]:
+    """Carry out a plan with an awaitable ``run``: the calls of each step in flight together."""
+    try:
+        calls = next(steps)
+        while True:
+            calls = steps.send(list(await asyncio.gather(*(run(c) for c in calls))))
+    except StopIteration as done:
+        return done.value
+
+
+def _cnn_call(blocks: list[np.ndarray], peaks: list[np.float32]) -> Call:
+    return Call("cnn", {"audio": np.stack(blocks), "peak": np.asarray(peaks, dtype=np.float32).reshape(-1, 1)})
+
+
+def _plan_pass(idx: list[int], windows: Sequence[np.ndarray], starts: Sequence[int],
+               caches: Sequence[StreamCache | None], mos: np.ndarray,
+               counters: dict[str, Any]) -> Generator[list[Call], list[np.ndarray], None]:
+    reasons = counters["reasons"]
+    full_jobs: list[tuple[int, np.ndarray]] = []
+    recompute: list[tuple[int, np.ndarray, np.float32]] = []
+    incremental: list[tuple[int, np.ndarray, np.float32, int]] = []
+    planned: dict[int, int] = {}  # each window's cache's version when it was planned
+    held: dict[int, tuple[np.ndarray, int, int]] = {}  # (frames, first, window's frame index) planned from
+    for i in idx:
+        x = np.asarray(windows[i], dtype=np.float32)
+        if x.ndim != 1 or len(x) > WINDOW:
+            raise ValueError(f"window {i}: expected 1-D audio of at most {WINDOW} samples, got {x.shape}")
+        cache = caches[i]
+        if len(x) < WINDOW or cache is None:
+            why = "short" if len(x) < WINDOW else "no_cache"
+            reasons[why] = reasons.get(why, 0) + 1
+            counters["fallback"] += 1
             if cache is not None:
-                seen[id(cache)] = r + 1
-            while len(rounds) <= r:
-                rounds.append([])
-            rounds[r].append(i)
-        for idx in rounds:
-            self._score_pass(idx, windows, starts, caches, mos, counters)
-        return mos, counters
+                cache.clear()
+            full_jobs.append((i, np.pad(x, (0, WINDOW - len(x)))))
+            continue
+        peak = np.max(np.abs(x))
+        reason, d = cache._plan(int(starts[i]), peak)
+        planned[i] = cache.version
+        if reason is None:
+            counters["incremental"] += 1
+            incremental.append((i, x, peak, d))
+            # What the cache holds now: another pass may store into it before this one's runs are back.
+            assert cache.frames is not None  # planned incremental: it holds frames
+            held[i] = (cache.frames, cache.first, cache.index(int(starts[i])))
+        else:
+            reasons[reason] = reasons.get(reason, 0) + 1
+            counters["recomputed"] += 1
+            recompute.append((i, x, peak))
 
-    def _score_pass(self, idx: list[int], windows: Sequence[np.ndarray], starts: Sequence[int],
-                    caches: Sequence[StreamCache | None], mos: np.ndarray, counters: dict[str, Any]) -> None:
-        reasons = counters["reasons"]
-        full_jobs: list[tuple[int, np.ndarray]] = []
-        recompute: list[tuple[int, np.ndarray, np.float32]] = []
-        incremental: list[tuple[int, np.ndarray, np.float32, int]] = []
-        for i in idx:
-            x = np.asarray(windows[i], dtype=np.float32)
-            if x.ndim != 1 or len(x) > WINDOW:
-                raise ValueError(f"window {i}: expected 1-D audio of at most {WINDOW} samples, got {x.shape}")
-            cache = caches[i]
-            if len(x) < WINDOW or cache is None:
-                why = "short" if len(x) < WINDOW else "no_cache"
-                reasons[why] = reasons.get(why, 0) + 1
-                counters["fallback"] += 1
-                if cache is not None:
-                    cache.clear()
-                full_jobs.append((i, np.pad(x, (0, WINDOW - len(x)))))
-                continue
-            peak = np.max(np.abs(x))
-            reason, d = cache._plan(int(starts[i]), peak)
-            if reason is None:
-                counters["incremental"] += 1
-                incremental.append((i, x, peak, d))
-            else:
-                reasons[reason] = reasons.get(reason, 0) + 1
-                counters["recomputed"] += 1
-                recompute.append((i, x, peak))
+    # First step, all independent: the full model, then CNN runs on whole windows, on end blocks grouped by
+    # length, and on front edges.
+    calls: list[Call] = []
+    if full_jobs:
+        calls.append(Call("full", {"audio": np.stack([x for _, x in full_jobs])}))
+    if recompute:
+        calls.append(_cnn_call([x for _, x, _ in recompute], [p for _, _, p in recompute]))
+    by_len: dict[int, list[int]] = {}
+    for k, (_, _, _, d) in enumerate(incremental):
+        by_len.setdefault(d, []).append(k)
+    for d, ks in by_len.items():
+        length = (d + EDGE_BLOCK_FRAMES) * FRAME
+        calls.append(_cnn_call([incremental[k][1][-length:] for k in ks], [incremental[k][2] for k in ks]))
+    if incremental:
+        calls.append(_cnn_call([x[: EDGE_BLOCK_FRAMES * FRAME] for _, x, _, _ in incremental],
+                               [p for _, _, p, _ in incremental]))
+    if not calls:
+        return
+    outs = iter((yield calls))
+    if full_jobs:
+        mos[[i for i, _ in full_jobs]] = next(outs)[:, 0]
+    if not (recompute or incremental):
+        return
 
-        if full_jobs:
-            out = self._run(self.full, {"audio": np.stack([x for _, x in full_jobs])})
-            mos[[i for i, _ in full_jobs]] = out[:, 0]
-        if not (recompute or incremental):
-            return
+    feats: list[np.ndarray] = []  # one [384, D] per window that goes to the head
+    rows: list[int] = []
+    if recompute:
+        for (i, _, _), f in zip(recompute, next(outs)):
+            feats.append(f)
+            rows.append(i)
+    if incremental:
+        ends: dict[int, np.ndarray] = {}
+        for ks in by_len.values():
+            for k, f in zip(ks, next(outs)):
+                ends[k] = f
+        fronts = next(outs)
+        for k, (i, _, _, d) in enumerate(incremental):
+            frames, first, index = held[i]
+            f = np.empty((WINDOW_FRAMES, fronts.shape[-1]), dtype=np.float32)
+            f[:FRONT_EDGE] = fronts[k, :FRONT_EDGE]
+            lo = index + FRONT_EDGE - first
+            reuse = INTERIOR_FRAMES - d  # window frames 4 .. 380 - d come from the cache
+            f[FRONT_EDGE : FRONT_EDGE + reuse] = frames[lo : lo + reuse]
+            f[FRONT_EDGE + reuse :] = ends[k][FRONT_EDGE:]
+            feats.append(f)
+            rows.append(i)
 
-        # CNN runs: whole windows, then end blocks grouped by length, then front edges.
-        feats: list[np.ndarray] = []  # one [384, D] per window that goes to the head
-        rows: list[int] = []
-        if recompute:
-            whole = self._cnn([x for _, x, _ in recompute], [p for _, _, p in recompute])
-            for (i, _, _), f in zip(recompute, whole):
-                feats.append(f)
-                rows.append(i)
-        if incremental:
-            by_len: dict[int, list[int]] = {}
-            for k, (_, _, _, d) in enumerate(incremental):
-                by_len.setdefault(d, []).append(k)
-            ends: dict[int, np.ndarray] = {}
-            for d, ks in by_len.items():
-                length = (d + EDGE_BLOCK_FRAMES) * FRAME
-                out = self._cnn([incremental[k][1][-length:] for k in ks], [incremental[k][2] for k in ks])
-                for k, f in zip(ks, out):
-                    ends[k] = f
-            fronts = self._cnn(
-                [x[: EDGE_BLOCK_FRAMES * FRAME] for _, x, _, _ in incremental],
-                [p for _, _, p, _ in incremental],
-            )
-            for k, (i, _, _, d) in enumerate(incremental):
-                cache = caches[i]
-                assert cache is not None and cache.frames is not None  # planned incremental: it holds frames
-                f = np.empty((WINDOW_FRAMES, fronts.shape[-1]), dtype=np.float32)
-                f[:FRONT_EDGE] = fronts[k, :FRONT_EDGE]
-                lo = cache.index(int(starts[i])) + FRONT_EDGE - cache.first
-                reuse = INTERIOR_FRAMES - d  # window frames 4 .. 380 - d come from the cache
-                f[FRONT_EDGE : FRONT_EDGE + reuse] = cache.frames[lo : lo + reuse]
-                f[FRONT_EDGE + reuse :] = ends[k][FRONT_EDGE:]
-                feats.append(f)
-                rows.append(i)
-
-        out = self._run(self.head, {"features": np.stack(feats)})
-        mos[rows] = out[:, 0]
-        peaks = {i: p for i, _, p in recompute}
-        peaks.update({i: p for i, _, p, _ in incremental})
-        for i, f in zip(rows, feats):
-            kept = caches[i]
-            assert kept is not None  # windows without a cache took the full model above
-            kept._store(int(starts[i]), peaks[i], f[INTERIOR])
+    (out,) = yield [Call("head", {"features": np.stack(feats)})]
+    mos[rows] = out[:, 0]
+    peaks = {i: p for i, _, p in recompute}
+    peaks.update({i: p for i, _, p, _ in incremental})
+    for i, f in zip(rows, feats):
+        kept = caches[i]
+        assert kept is not None  # windows without a cache took the full model above
+        kept._store(int(starts[i]), peaks[i], f[INTERIOR], planned[i])

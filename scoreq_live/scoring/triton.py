@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ import numpy as np
 from scoreq_live.errors import ScoreqLiveError
 from scoreq_live.scoring.scorer import BackendUnavailable
 from scoreq_live.scoring.spec import ModelError, ModelSpec, TensorInfo, check_contract
+from scoreq_live.scoring.streaming import Call, StreamCache, drive, drive_async, plan_scoring
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class TritonModel:
         self.max_batch: int | None = None  # the server's max_batch_size (None: not known yet, or unbounded)
         self.cpu_reason: str | None = None  # what the command line prints beside a local session's device
         self.device = "triton"
+        self.output_ndim = 2  # [batch, D]
         self._sync_mod, self._aio_mod = _clients(self.url.protocol)
         self._sync: Any = None
         self._aio: Any = None
@@ -203,26 +206,43 @@ class TritonModel:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _inputs(self, batch: np.ndarray) -> tuple[list[Any], list[Any]]:
+    def _inputs(self, feeds: dict[str, np.ndarray]) -> tuple[list[Any], list[Any]]:
         m = self._aio_mod if self._aio_mod is not None else self._sync_mod
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        inp = m.InferInput(self.spec.input_name, list(batch.shape), "FP32")
-        inp.set_data_from_numpy(batch)
-        return [inp], [m.InferRequestedOutput(self.spec.output_name)]
+        inputs = []
+        for name, value in feeds.items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            inp = m.InferInput(name, list(value.shape), "FP32")
+            inp.set_data_from_numpy(value)
+            inputs.append(inp)
+        return inputs, [m.InferRequestedOutput(self._output_name)]
 
-    def _parts(self, batch: np.ndarray) -> list[np.ndarray]:
-        """The batch in runs the server accepts (its ``max_batch_size``)."""
+    @property
+    def _output_name(self) -> str:
+        assert self.spec.output_name is not None  # the contract check names it
+        return self.spec.output_name
+
+    def _feeds(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if batch.ndim != 2:
             raise ValueError("batch must be [batch, samples]")
-        n = self.max_batch or batch.shape[0] or 1
-        return [batch[k:k + n] for k in range(0, batch.shape[0], n)]
+        assert self.spec.input_name is not None  # the contract check names it
+        return {self.spec.input_name: batch}
+
+    def _parts(self, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The inputs in runs the server accepts (its ``max_batch_size``)."""
+        rows = len(next(iter(feeds.values())))
+        n = self.max_batch or rows or 1
+        return [{k: v[i:i + n] for k, v in feeds.items()} for i in range(0, rows, n)]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Score a ``[B, L]`` batch with the blocking client (for references built before the loop runs)."""
+        return self.infer(self._feeds(batch))
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The output for these inputs (each ``[B, ...]``), with the blocking client."""
         if self._sync is None:
             self.connect()
         outs = []
-        for part in self._parts(batch):
+        for part in self._parts(feeds):
             inputs, outputs = self._inputs(part)
             try:
                 kw = {"client_timeout": self.timeout_s} if self.url.protocol == "grpc" else {}
@@ -230,12 +250,12 @@ class TritonModel:
                                        **kw)
             except Exception as e:
                 raise self._failure(e) from None
-            outs.append(self._output(res, part.shape[0]))
-        return np.concatenate(outs)
+            outs.append(self._output(res, len(next(iter(part.values())))))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _output(self, res: Any, n: int) -> np.ndarray:
-        y = res.as_numpy(self.spec.output_name)
-        if y is None or y.ndim != 2 or y.shape[0] != n:
+        y = res.as_numpy(self._output_name)
+        if y is None or y.ndim != self.output_ndim or y.shape[0] != n:
             raise ModelError(f"{self._where()} returned {None if y is None else y.shape} for a batch of {n}")
         return np.asarray(y, dtype=np.float32)
 
@@ -256,11 +276,15 @@ class TritonModel:
 
     async def run_async(self, batch: np.ndarray) -> np.ndarray:
         """Score a ``[B, L]`` batch; many calls may be in flight at once.  Raises :class:`BackendUnavailable`."""
-        parts = self._parts(batch)
+        return await self.infer_async(self._feeds(batch))
+
+    async def infer_async(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The output for these inputs (each ``[B, ...]``); many calls may be in flight at once."""
+        parts = self._parts(feeds)
         outs = await asyncio.gather(*(self._infer(p) for p in parts))
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    async def _infer(self, part: np.ndarray) -> np.ndarray:
+    async def _infer(self, part: dict[str, np.ndarray]) -> np.ndarray:
         client = self._client()
         inputs, outputs = self._inputs(part)
         kw = {"client_timeout": self.timeout_s} if self.url.protocol == "grpc" else {}
@@ -273,7 +297,7 @@ class TritonModel:
             raise
         except Exception as e:
             raise self._failure(e) from None
-        return self._output(res, part.shape[0])
+        return self._output(res, len(next(iter(part.values()))))
 
     async def probe_async(self) -> None:
         """Whether the server is back: live, the model ready, and its metadata still fits the contract."""
@@ -320,6 +344,127 @@ class TritonModel:
             except Exception as e:
                 log.debug("closing the Triton client: %s", e)
             self._sync = None
+
+
+class TritonGraph(TritonModel):
+    """A graph served beside a model, for its streaming split: named inputs and one output, checked by name.
+
+    ``distillmos-cnn`` (``audio``, ``peak`` -> ``features`` [batch, frames, 1024]) and ``distillmos-head``
+    (``features`` -> ``mos``) are not models of the monitor's contract (one audio input); what is checked is
+    that the server has the graph with these inputs and that output, in float32.
+    """
+
+    def __init__(self, spec: ModelSpec, url: BackendURL, inputs: tuple[str, ...], output: str, output_ndim: int,
+                 timeout_s: float = 2.0, connect: bool = True) -> None:
+        self.inputs, self.output = inputs, output
+        super().__init__(replace(spec, name=url.model, output_name=output), url, timeout_s, connect=False)
+        self.output_ndim = output_ndim
+        if connect:
+            self.connect()
+
+    @property
+    def _output_name(self) -> str:
+        return self.output
+
+    def _check(self, metadata: dict[str, Any], config: dict[str, Any]) -> None:
+        ins = {t.name: t for t in _tensors(metadata.get("inputs", []))}
+        outs = {t.name: t for t in _tensors(metadata.get("outputs", []))}
+        missing = [n for n in self.inputs if n not in ins or not ins[n].float32]
+        if missing or self.output not in outs or not outs[self.output].float32:
+            raise ModelError(f"{self._where()} is not the graph the monitor streams with: it needs float32 inputs "
+                             f"{list(self.inputs)} and output {self.output!r} (has {sorted(ins)} -> {sorted(outs)})")
+        self.max_batch = int(config.get("max_batch_size", 0) or 0) or None
+
+
+class TritonIncremental:
+    """Exact streaming Distill-MOS on a Triton server: the feature caches here, the model runs there.
+
+    Each stream's :class:`~scoreq_live.scoring.streaming.StreamCache` stays on
+    the monitor; the server runs ``MODEL-cnn`` on the new blocks and front
+    edges, ``MODEL-head`` on the assembled windows and ``MODEL`` itself on
+    short windows, the same plan as the local path
+    (:func:`~scoreq_live.scoring.streaming.plan_scoring`), so the scores are
+    the same.  The server keeps nothing between requests: monitors and server
+    instances may come and go, and a lost server loses no cache.
+    """
+
+    def __init__(self, full: TritonModel, cnn: TritonGraph, head: TritonGraph) -> None:
+        self.full, self.cnn, self.head = full, cnn, head
+        # The last call in flight that uses each cache: a stream's next call waits for it (see score_async).
+        self._last: dict[int, asyncio.Future[None]] = {}
+
+    @classmethod
+    def beside(cls, full: TritonModel, connect: bool = True) -> TritonIncremental:
+        """The split served next to ``full``: ``NAME-cnn`` and ``NAME-head`` for ``triton://HOST/NAME``.
+
+        Raises :class:`ModelError` when the server does not have them (``models triton-repo`` writes them).
+        """
+        url = full.url
+        cnn = TritonGraph(full.spec, replace(url, model=f"{url.model}-cnn"), ("audio", "peak"), "features", 3,
+                          full.timeout_s, connect)
+        head = TritonGraph(full.spec, replace(url, model=f"{url.model}-head"), ("features",), "mos", 2,
+                           full.timeout_s, connect)
+        return cls(full, cnn, head)
+
+    @property
+    def timeout_s(self) -> float:
+        return self.full.timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        for m in (self.full, self.cnn, self.head):
+            m.timeout_s = value
+
+    def _graph(self, call: Call) -> tuple[TritonModel, dict[str, np.ndarray]]:
+        if call.graph == "full":
+            return self.full, self.full._feeds(call.feeds["audio"])
+        return (self.cnn if call.graph == "cnn" else self.head), call.feeds
+
+    def score(self, windows: Sequence[np.ndarray], starts: Sequence[int],
+              caches: Sequence[StreamCache | None]) -> tuple[np.ndarray, dict]:
+        """:meth:`IncrementalDistillMos.score` with the blocking client (``score``, references)."""
+        def run(call: Call) -> np.ndarray:
+            model, feeds = self._graph(call)
+            return model.infer(feeds)
+
+        return drive(plan_scoring(windows, starts, caches), run)
+
+    async def score_async(self, windows: Sequence[np.ndarray], starts: Sequence[int],
+                          caches: Sequence[StreamCache | None]) -> tuple[np.ndarray, dict]:
+        """The same over the asyncio channels: the independent runs of a step are in flight together."""
+        async def run(call: Call) -> np.ndarray:
+            model, feeds = self._graph(call)
+            return await model.infer_async(feeds)
+
+        # Calls that share a stream run in the order they came: a window planned before the previous one's
+        # features are stored would still be exact (the plan keeps what the cache held) but would need a longer
+        # block, or all of its CNN once it is more than 7.5 s ahead.  Calls of other streams stay in flight.
+        keys = {id(c) for c in caches if c is not None}
+        before = [f for f in (self._last.get(k) for k in keys) if f is not None]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for k in keys:
+            self._last[k] = done
+        try:
+            await asyncio.gather(*before)
+            return await drive_async(plan_scoring(windows, starts, caches), run)
+        finally:
+            done.set_result(None)
+            for k in keys:
+                if self._last.get(k) is done:
+                    del self._last[k]
+
+    async def probe_async(self) -> None:
+        """Whether the server serves the split again (each graph ready, and what it should be)."""
+        await self.cnn.probe_async()
+        await self.head.probe_async()
+
+    async def aclose(self) -> None:
+        await self.cnn.aclose()
+        await self.head.aclose()
+
+    def close(self) -> None:
+        self.cnn.close()
+        self.head.close()
 
 
 def _short(e: BaseException) -> str:

@@ -83,11 +83,30 @@ def _io(spec: ModelSpec, file: Path) -> tuple[tuple[str, list[int]], tuple[str, 
     return (model.spec.input_name, [inp_len]), (model.spec.output_name, [dim])
 
 
-def config_text(name: str, inp: tuple[str, list[int]], out: tuple[str, list[int]], batching: Batching,
-                gpus: int = 1, instances: int = 1) -> str:
+def _graph_io(file: Path) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    """Every input's and output's (name, dims without the batch dimension) of a graph, read from the file."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+
+    def dims(shape: Sequence[object]) -> list[int]:
+        return [d if isinstance(d, int) and d > 0 else -1 for d in shape[1:]]
+
+    return ([(i.name, dims(i.shape)) for i in sess.get_inputs()],
+            [(o.name, dims(o.shape)) for o in sess.get_outputs()])
+
+
+def config_text(name: str, inputs: Sequence[tuple[str, list[int]]], outputs: Sequence[tuple[str, list[int]]],
+                batching: Batching, gpus: int = 1, instances: int = 1) -> str:
     """``config.pbtxt`` for an ONNX model with the dynamic batcher (Triton's text protobuf format)."""
-    def dims(d: list[int]) -> str:
-        return ", ".join(str(x) for x in d)
+    def tensors(items: Sequence[tuple[str, list[int]]]) -> str:
+        return ",\n".join(f"""  {{
+    name: "{n}"
+    data_type: TYPE_FP32
+    dims: [ {", ".join(str(x) for x in d)} ]
+  }}""" for n, d in items)
 
     if gpus > 0:
         ids = ", ".join(map(str, range(gpus)))  # `count` instances on each of these GPUs
@@ -99,18 +118,10 @@ name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: {batching.max_batch_size}
 input [
-  {{
-    name: "{inp[0]}"
-    data_type: TYPE_FP32
-    dims: [ {dims(inp[1])} ]
-  }}
+{tensors(inputs)}
 ]
 output [
-  {{
-    name: "{out[0]}"
-    data_type: TYPE_FP32
-    dims: [ {dims(out[1])} ]
-  }}
+{tensors(outputs)}
 ]
 dynamic_batching {{
   preferred_batch_size: [ {", ".join(map(str, batching.preferred))} ]
@@ -122,22 +133,41 @@ instance_group [
 """
 
 
+STREAMING_GRAPHS = ("cnn", "head")  # a model's streaming split, served as NAME-cnn and NAME-head beside it
+
+
 def write_model(root: Path, name: str, spec: ModelSpec, source: Path, batching: Batching, gpus: int = 1,
-                instances: int = 1, fp16: bool = False) -> Path:
-    """Write one model (and with ``fp16`` its float16 variant as ``NAME-fp16``); returns its folder."""
+                instances: int = 1, fp16: bool = False) -> list[Path]:
+    """Write one model (and with ``fp16`` its float16 variant as ``NAME-fp16``); returns the folders written.
+
+    A model with a streaming split (Distill-MOS: ``distillmos-cnn.onnx`` and
+    ``distillmos-head.onnx`` beside its file) gets them as ``NAME-cnn`` and
+    ``NAME-head``, which monitors use for exact incremental scoring.
+    """
     inp, out = _io(spec, source)
     folder = root / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, folder / "1" / "model.onnx")
-    (folder / "config.pbtxt").write_text(config_text(name, inp, out, batching, gpus, instances))
+    (folder / "config.pbtxt").write_text(config_text(name, [inp], [out], batching, gpus, instances))
+    written = [folder]
     if fp16:
         from scoreq_live.scoring.quantize import make_variant
 
         half = root / f"{name}-fp16"
         (half / "1").mkdir(parents=True, exist_ok=True)
         make_variant(source, half / "1" / "model.onnx", "fp16")  # float32 input and output kept
-        (half / "config.pbtxt").write_text(config_text(f"{name}-fp16", inp, out, batching, gpus, instances))
-    return folder
+        (half / "config.pbtxt").write_text(config_text(f"{name}-fp16", [inp], [out], batching, gpus, instances))
+        written.append(half)
+    graphs = [source.parent / f"{spec.name}-{g}.onnx" for g in STREAMING_GRAPHS]
+    if all(f.is_file() for f in graphs):
+        for g, file in zip(STREAMING_GRAPHS, graphs):
+            part = root / f"{name}-{g}"
+            (part / "1").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, part / "1" / "model.onnx")
+            ins, outs = _graph_io(file)
+            (part / "config.pbtxt").write_text(config_text(f"{name}-{g}", ins, outs, batching, gpus, instances))
+            written.append(part)
+    return written
 
 
 def default_names() -> list[str]:
@@ -163,5 +193,5 @@ def write_repository(root: Path, names: Sequence[str] = (), *, bench: Path | Non
             raise RepoError(f"unknown model {name!r} (see 'scoreq-live models list')")
         if not is_available(spec) or spec.file is None:
             raise RepoError(f"{name} is not installed: scoreq-live models pull {name}")
-        out.append(write_model(root, name, spec, Path(spec.file), batching, gpus, instances, fp16))
+        out.extend(write_model(root, name, spec, Path(spec.file), batching, gpus, instances, fp16))
     return out
