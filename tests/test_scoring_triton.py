@@ -359,6 +359,44 @@ async def test_a_lost_server_skips_windows_then_scoring_resumes_after_restart(re
     print(f"outage: server stopped {down_at - t0:.1f}s in, back {up_at - down_at:.1f}s later")
 
 
+async def test_a_server_that_comes_back_without_the_split_scores_in_full(restartable, caplog):
+    """Started while the server is down (scoring locally, incrementally, meanwhile); the server that answers
+    has Distill-MOS but not its streaming split: the monitor says so and goes on with every window in full
+    there, instead of waiting for graphs that will never come.  The file stops at 10 s until that is done."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, restartable.stop)
+    url = restartable.url("distillmos")
+    loaded = load_scorer(ScoringOptions(device="cpu", max_batch=4, backend=url, backend_fallback="local",
+                                        backend_timeout_s=30.0))
+    assert loaded.scorer.incremental is not None  # not known yet: the server is down
+    assert loaded.fallback is not None and loaded.fallback.incremental is not None
+    engines: list[Engine] = []
+
+    async def back() -> None:
+        await loop.run_in_executor(None, restartable.start)
+        await until_true(lambda: engines[0].runner.health.up, "the monitor finds the server")  # type: ignore[attr-defined]
+
+    src = Held("s", EXAMPLES / "clean.wav", [(10.0, back)])
+    bus = EventBus()
+    sub = bus.subscribe()
+    engines.append(Engine(loaded.scorer, [src], EngineConfig(stream=loaded.stream, max_batch=4), bus,
+                          fallback=loaded.fallback))
+    with caplog.at_level("WARNING"):
+        await asyncio.wait_for(engines[0].run(), 300)
+    evs = [ev async for ev in sub]
+    assert [e.state for e in evs if isinstance(e, BackendStatus)] == ["fallback", "up"]
+    assert "has no distillmos-cnn or distillmos-head: every window is scored in full there" in caplog.text
+    assert loaded.scorer.incremental is None
+    scores = {e.window: e.mos for e in evs if isinstance(e, ScoreEvent)}
+    assert len(scores) > 15 and all(v is not None for v in scores.values())
+    assert executed(restartable) >= 10  # the windows after the hold, on the server, in full
+    x = speech_16k(EXAMPLES / "clean.wav")
+    hop, n = 16000, 122_880
+    want = Scorer(load_scorer(ScoringOptions(device="cpu", incremental=False)).model).score(  # type: ignore[arg-type]
+        [x[k * hop:k * hop + n] for k in sorted(scores)])
+    assert np.abs(np.array([scores[k] for k in sorted(scores)]) - want).max() < 1e-4
+
+
 def test_the_command_line_refuses_a_model_that_does_not_fit_the_contract(server, capsys):
     from scoreq_live.cli import main
 

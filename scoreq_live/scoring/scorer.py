@@ -9,6 +9,7 @@ awaited (``score_async``).  :mod:`scoreq_live.scoring.runner` runs either.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -19,6 +20,8 @@ from scoreq_live.scoring.batching import BatchPlan
 from scoreq_live.scoring.families import Family, family_for, pad_window
 from scoreq_live.scoring.spec import Mode, ModelSpec
 from scoreq_live.scoring.streaming import StreamCache, merge_counters
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AsyncModel", "BackendUnavailable", "Model", "Reference", "RemoteScorer", "Scorer", "batches",
            "pad_window", "run_windows"]
@@ -89,7 +92,9 @@ class AsyncIncremental(Incremental, Protocol):
     async def score_async(self, windows: Sequence[np.ndarray], starts: Sequence[int],
                           caches: Sequence[StreamCache | None]) -> tuple[np.ndarray, dict]: ...
 
-    async def probe_async(self) -> None: ...
+    async def probe_async(self) -> str | None:
+        """``None`` when the server serves it again; why not when the server does not have it at all."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -238,7 +243,11 @@ class RemoteScorer(Scorer):
         """Check that the server can serve again (raises :class:`BackendUnavailable` when not)."""
         await self.remote.probe_async()
         if self.remote_incremental is not None:
-            await self.remote_incremental.probe_async()
+            absent = await self.remote_incremental.probe_async()
+            if absent is not None:
+                # The server came back without the streaming split: the model itself scores every window there.
+                log.warning("%s: every window is scored in full there", absent)
+                self.remote_incremental = self.incremental = None
 
     async def aclose(self) -> None:
         """Close the connection to the server."""

@@ -453,10 +453,37 @@ class TritonIncremental:
                 if self._last.get(k) is done:
                     del self._last[k]
 
-    async def probe_async(self) -> None:
-        """Whether the server serves the split again (each graph ready, and what it should be)."""
-        await self.cnn.probe_async()
-        await self.head.probe_async()
+    async def probe_async(self) -> str | None:
+        """Whether the server serves the split again (each graph ready, and what it should be).
+
+        ``None`` when it does; why not when the server does not have the split at all (it is not in its
+        repository: a server that came back without it), so that scoring goes on in full there.  Raises
+        :class:`BackendUnavailable` while a graph is there but not ready (a server still loading it).
+        """
+        try:
+            await self.cnn.probe_async()
+            await self.head.probe_async()
+        except BackendUnavailable:
+            absent = await self._absent()
+            if absent:
+                return f"Triton at {self.full.url.address} has no {' or '.join(absent)}"
+            raise
+        return None
+
+    async def _absent(self) -> list[str]:
+        """The split's graphs that the server's repository does not list (none when it cannot be read)."""
+        client = self.full._client()
+        try:
+            if self.full.url.protocol == "grpc":
+                index = (await asyncio.wait_for(client.get_model_repository_index(as_json=True),
+                                                self.timeout_s)).get("models", [])
+            else:
+                index = await asyncio.wait_for(client.get_model_repository_index(), self.timeout_s)
+        except Exception as e:  # not known: treated as a graph still loading
+            log.debug("reading Triton's repository index: %s", e)
+            return []
+        listed = {m.get("name") for m in index}
+        return [g.url.model for g in (self.cnn, self.head) if g.url.model not in listed]
 
     async def aclose(self) -> None:
         await self.cnn.aclose()
