@@ -169,6 +169,23 @@ async def test_incremental_scoring_runs_the_split_on_the_server_and_equals_the_f
         await loaded.scorer.aclose()  # type: ignore[attr-defined]
 
 
+def test_score_command_runs_the_split_on_the_server(server, capsys):
+    """``scoreq-live score --backend``: the blocking client carries out the same incremental plan."""
+    from scoreq_live.cli import main
+
+    files = [str(EXAMPLES / "clean.wav"), str(EXAMPLES / "lyra3.wav")]
+    heads = executed(server, "distillmos-head")
+    results = []
+    for extra in (["--backend", server.url("distillmos")], ["--no-incremental"]):
+        assert main(["score", *files, "--json", "-", "--no-progress", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert executed(server, "distillmos-head") - heads > 20  # the windows' heads ran there
+    for remote, local in zip(*results):
+        got, want = ([w["mos"] for w in r["windows"]] for r in (remote, local))
+        assert len(got) == len(want) > 10
+        assert np.abs(np.array(got) - np.array(want)).max() < 1e-4
+
+
 def executed(server: TritonServer, model: str = "distillmos") -> int:
     """Windows the server has run for ``model`` so far (every execution's batch size, summed)."""
     return sum(size * count for size, count in server.batch_sizes(model).items())
