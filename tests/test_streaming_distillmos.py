@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-import soundfile
-import soxr
 
 from scoreq_live.scoring.streaming import (
     BUNDLED_DIR,
@@ -26,18 +24,11 @@ from scoreq_live.scoring.streaming import (
     merge_counters,
     plan_scoring,
 )
+from tests.helpers import speech_16k as load
 
 SR = 16000
 HOP = 16000
 MOS_TOLERANCE = 0.005
-
-
-def load(path) -> np.ndarray:
-    x, sr = soundfile.read(path, dtype="float32", always_2d=True)
-    x = x.mean(axis=1)
-    if sr != SR:
-        x = soxr.resample(x, sr, SR)
-    return np.asarray(x, dtype=np.float32)
 
 
 def session(name: str) -> ort.InferenceSession:

@@ -362,10 +362,6 @@ class TritonGraph(TritonModel):
         if connect:
             self.connect()
 
-    @property
-    def _output_name(self) -> str:
-        return self.output
-
     def _check(self, metadata: dict[str, Any], config: dict[str, Any]) -> None:
         ins = {t.name: t for t in _tensors(metadata.get("inputs", []))}
         outs = {t.name: t for t in _tensors(metadata.get("outputs", []))}
@@ -405,15 +401,6 @@ class TritonIncremental:
         head = TritonGraph(full.spec, replace(url, model=f"{url.model}-head"), ("features",), "mos", 2,
                            full.timeout_s, connect)
         return cls(full, cnn, head)
-
-    @property
-    def timeout_s(self) -> float:
-        return self.full.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, value: float) -> None:
-        for m in (self.full, self.cnn, self.head):
-            m.timeout_s = value
 
     def _graph(self, call: Call) -> tuple[TritonModel, dict[str, np.ndarray]]:
         if call.graph == "full":
@@ -476,9 +463,9 @@ class TritonIncremental:
         try:
             if self.full.url.protocol == "grpc":
                 index = (await asyncio.wait_for(client.get_model_repository_index(as_json=True),
-                                                self.timeout_s)).get("models", [])
+                                                self.full.timeout_s)).get("models", [])
             else:
-                index = await asyncio.wait_for(client.get_model_repository_index(), self.timeout_s)
+                index = await asyncio.wait_for(client.get_model_repository_index(), self.full.timeout_s)
         except Exception as e:  # not known: treated as a graph still loading
             log.debug("reading Triton's repository index: %s", e)
             return []
